@@ -1,0 +1,1 @@
+"""Connector packages: one folder per channel, one sub-folder per provider."""

@@ -1,0 +1,1 @@
+"""SMS connectors (Twilio, Vonage) and what they share: GSM-7/UCS-2 segmenting."""

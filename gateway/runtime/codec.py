@@ -1,0 +1,134 @@
+"""Protobuf <-> AMQP: bodies, routing keys, CloudEvents headers, trace context.
+
+Every message is ``application/protobuf`` with AMQP ``type`` = the proto full
+name and ``message_id`` = the event or command id. CloudEvents attributes go in
+headers with the ``cloudEvents_`` prefix (the AMQP protocol binding), so a
+CloudEvents-aware consumer reads them without knowing our proto.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+
+from google.protobuf.message import DecodeError
+
+from gateway.api.v1.command_pb2 import SendMessageCommand
+from gateway.api.v1.envelope_pb2 import Event
+from gateway.contract.errors import BadRequestError
+from gateway.runtime.bus import Delivery, HeaderValue, OutgoingMessage
+from gateway.runtime.telemetry import inject_trace_headers
+from gateway.runtime.topology import command_routing_key
+
+CONTENT_TYPE = "application/protobuf"
+EVENT_TYPE_NAME = Event.DESCRIPTOR.full_name
+COMMAND_TYPE_NAME = SendMessageCommand.DESCRIPTOR.full_name
+CE_PREFIX = "cloudEvents_"
+#: CloudEvents ``type`` prefix: reverse-DNS of the project plus the event type.
+CE_TYPE_PREFIX = "io.channelgateway."
+
+
+def event_routing_key(event: Event) -> str:
+    """``<event type>.<channel>.<provider>``, e.g. ``message.received.sms.twilio``."""
+    return f"{event.type}.{event.channel}.{event.provider}"
+
+
+def _ce_headers(
+    *, id: str, source: str, type: str, time: datetime | None, correlation_id: str, sequence: int
+) -> dict[str, HeaderValue]:
+    headers: dict[str, HeaderValue] = {
+        f"{CE_PREFIX}specversion": "1.0",
+        f"{CE_PREFIX}id": id,
+        f"{CE_PREFIX}source": source,
+        f"{CE_PREFIX}type": CE_TYPE_PREFIX + type,
+        f"{CE_PREFIX}datacontenttype": CONTENT_TYPE,
+    }
+    if time is not None:
+        headers[f"{CE_PREFIX}time"] = time.isoformat().replace("+00:00", "Z")
+    if correlation_id:
+        headers[f"{CE_PREFIX}correlationid"] = correlation_id
+    if sequence:
+        headers[f"{CE_PREFIX}sequence"] = str(sequence)
+    return headers
+
+
+def encode_event(event: Event) -> OutgoingMessage:
+    """An event as a persistent AMQP message with CloudEvents and trace headers.
+
+    The current trace context is injected, and also stored in the event
+    (``traceparent``) so it survives re-publishing through other transports.
+    """
+    time = event.occurred_at.ToDatetime(tzinfo=UTC) if event.HasField("occurred_at") else None
+    headers = _ce_headers(
+        id=event.id,
+        source=f"/channel-gateway/{event.channel}/{event.provider}/{event.account}",
+        type=event.type,
+        time=time,
+        correlation_id=event.correlation_id,
+        sequence=event.sequence,
+    )
+    inject_trace_headers(headers)
+    if not event.traceparent and isinstance(headers.get("traceparent"), str):
+        event.traceparent = str(headers["traceparent"])
+    return OutgoingMessage(
+        body=event.SerializeToString(),
+        message_id=event.id,
+        type=EVENT_TYPE_NAME,
+        headers=headers,
+        timestamp=time,
+        correlation_id=event.correlation_id or None,
+    )
+
+
+def encode_command(command: SendMessageCommand) -> tuple[str, OutgoingMessage]:
+    """A send command and its routing key on ``channels.commands``."""
+    created = command.created_at.ToDatetime(tzinfo=UTC) if command.HasField("created_at") else None
+    headers = _ce_headers(
+        id=command.message_id,
+        source="/channel-gateway/gateway",
+        type=f"command.send.{command.channel}",
+        time=created,
+        correlation_id=command.correlation_id,
+        sequence=0,
+    )
+    inject_trace_headers(headers)
+    message = OutgoingMessage(
+        body=command.SerializeToString(),
+        # One message id per attempt: a retry is a new command.
+        message_id=f"{command.message_id}:{command.attempt or 1}",
+        type=COMMAND_TYPE_NAME,
+        headers=headers,
+        timestamp=created,
+        correlation_id=command.correlation_id or None,
+    )
+    return command_routing_key(command.channel, command.provider), message
+
+
+def _check_type(delivery: Delivery, expected: str) -> None:
+    if delivery.type and delivery.type != expected:
+        raise BadRequestError(f"expected AMQP type {expected}, got {delivery.type}")
+    if delivery.content_type and delivery.content_type != CONTENT_TYPE:
+        raise BadRequestError(f"expected content type {CONTENT_TYPE}, got {delivery.content_type}")
+
+
+def decode_event(delivery: Delivery) -> Event:
+    """The event in a delivery; a malformed body is a BadRequestError (dead-lettered)."""
+    _check_type(delivery, EVENT_TYPE_NAME)
+    event = Event()
+    try:
+        event.ParseFromString(delivery.body)
+    except DecodeError as exc:
+        raise BadRequestError(f"undecodable event body: {exc}") from exc
+    return event
+
+
+def decode_command(delivery: Delivery) -> SendMessageCommand:
+    """The send command in a delivery; a malformed body is a BadRequestError."""
+    _check_type(delivery, COMMAND_TYPE_NAME)
+    command = SendMessageCommand()
+    try:
+        command.ParseFromString(delivery.body)
+    except DecodeError as exc:
+        raise BadRequestError(f"undecodable command body: {exc}") from exc
+    if not command.message_id or not command.channel or not command.provider:
+        raise BadRequestError("command lacks message_id, channel or provider")
+    return command

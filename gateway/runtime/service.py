@@ -1,0 +1,275 @@
+"""A service process: the connectors it hosts, wired to bus, store and HTTP.
+
+Lifecycle: ``start`` (connect, declare topology, build and start connectors,
+open the webhook server, start command consumers), then ``stop`` in reverse
+order with draining: stop accepting HTTP, cancel consumers and let in-flight
+sends finish (unacked prefetched commands go back to the queue), stop the
+connectors, close the bus. ``run`` does both around SIGTERM/SIGINT.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+
+import aiohttp
+from aiohttp import web
+
+from gateway.contract import registry
+from gateway.contract.connector import Connector, ConnectorSpec, Logger, WebhookRoute
+from gateway.contract.errors import ConfigError
+from gateway.runtime.amqp_bus import AmqpBus
+from gateway.runtime.bus import Bus, Subscription
+from gateway.runtime.config import RuntimeSettings
+from gateway.runtime.idempotency import IdempotencyStore, RedisIdempotencyStore, open_store
+from gateway.runtime.ingress import MountedConnector, build_app, route_path
+from gateway.runtime.memory_bus import InMemoryBus
+from gateway.runtime.outbound import CommandWorker
+from gateway.runtime.publisher import EventPublisher
+from gateway.runtime.telemetry import get_logger
+from gateway.runtime.topology import (
+    Topology,
+    base_topology,
+    command_queue,
+    command_queue_name,
+    subscription_queue,
+)
+
+log = get_logger("gateway.service")
+
+
+def open_bus(url: str, *, connect_timeout: float = 5.0) -> Bus:
+    """The bus for ``amqp(s)://`` or ``memory://`` URLs."""
+    if url.startswith("memory://"):
+        return InMemoryBus()
+    if url.startswith(("amqp://", "amqps://")):
+        return AmqpBus(url, connect_timeout=connect_timeout)
+    raise ConfigError(f"unsupported broker URL {url!r}: use amqp://... or memory://")
+
+
+@dataclass(kw_only=True)
+class RuntimeContext:
+    """The :class:`~gateway.contract.connector.ConnectorContext` the runtime hands out."""
+
+    spec: ConnectorSpec
+    http: aiohttp.ClientSession
+    log: Logger
+    base_url: str
+    routes: dict[str, WebhookRoute] = field(default_factory=dict)
+
+    def webhook_url(self, route: str, **path_params: str) -> str:
+        """Public URL of one of this connector's routes."""
+        if route not in self.routes:
+            raise ConfigError(f"{self.spec.name} has no webhook route {route!r}")
+        path = route_path(self.spec, self.routes[route]).format(**path_params)
+        return self.base_url.rstrip("/") + path
+
+    def now(self) -> datetime:
+        """Current UTC time."""
+        return datetime.now(UTC)
+
+
+@dataclass(kw_only=True)
+class HostedConnector:
+    """One connector running in this service."""
+
+    spec: ConnectorSpec
+    context: RuntimeContext
+    connector: Connector
+    publisher: EventPublisher
+    worker: CommandWorker
+
+
+class Service:
+    """Hosts a set of connectors (``channel-gateway run sms`` hosts every SMS one)."""
+
+    def __init__(
+        self,
+        settings: RuntimeSettings,
+        connectors: Sequence[str],
+        *,
+        bus: Bus | None = None,
+        store: IdempotencyStore | None = None,
+        environ: Mapping[str, str] | None = None,
+    ) -> None:
+        self.settings = settings
+        self.names = list(connectors)
+        if not self.names:
+            raise ConfigError("no connector enabled: add one under connectors: in the config")
+        self.bus = bus or open_bus(
+            settings.broker.url, connect_timeout=settings.broker.connect_timeout
+        )
+        self.store = store or open_store(settings.dedup.url)
+        self._environ = environ
+        self.hosted: list[HostedConnector] = []
+        self._subscriptions: list[Subscription] = []
+        self._runner: web.AppRunner | None = None
+        self._site: web.TCPSite | None = None
+        self._http: aiohttp.ClientSession | None = None
+        self.port: int | None = None
+
+    @property
+    def base_url(self) -> str:
+        """Public base URL of the webhook server."""
+        http = self.settings.http
+        return http.public_base_url or f"http://{http.host}:{self.port or http.port}"
+
+    def _specs(self) -> list[ConnectorSpec]:
+        return [registry.load(name) for name in self.names]
+
+    def topology(self, specs: Sequence[ConnectorSpec]) -> Topology:
+        """Everything this service declares."""
+        limit = self.settings.broker.delivery_limit
+        topo = base_topology()
+        for spec in specs:
+            topo = topo.merge(Topology(queues=(command_queue(spec.channel, spec.provider, limit),)))
+        for sub in self.settings.subscriptions:
+            topo = topo.merge(
+                Topology(queues=(subscription_queue(sub.queue, sub.bindings, limit),))
+            )
+        return topo
+
+    async def start(self) -> None:
+        """Start everything; raises ConfigError or BrokerUnavailableError on failure."""
+        specs = self._specs()
+        # Validate every connector's settings before touching the network.
+        settings = {
+            spec.name: self.settings.connector_settings(spec, self._environ) for spec in specs
+        }
+        if isinstance(self.bus, InMemoryBus):
+            log.warning(
+                "USING THE IN-MEMORY BUS: events live in this process only and are lost on exit; "
+                "set broker.url to amqp://... for anything but a demo"
+            )
+        await self.bus.connect()
+        await self.bus.declare(self.topology(specs))
+        timeout = aiohttp.ClientTimeout(
+            total=self.settings.send.provider_timeout,
+            sock_connect=min(5.0, self.settings.send.provider_timeout),
+        )
+        self._http = aiohttp.ClientSession(timeout=timeout)
+        mounted: list[MountedConnector] = []
+        for spec in specs:
+            context = RuntimeContext(
+                spec=spec, http=self._http, log=get_logger(f"connector.{spec.name}"), base_url=""
+            )
+            connector = spec.factory(context, settings[spec.name])
+            context.routes = {r.name: r for r in connector.webhook_routes()}
+            publisher = EventPublisher(
+                self.bus,
+                self.store,
+                connector=spec.name,
+                publish_timeout=self.settings.broker.publish_timeout,
+                pending_wait=self.settings.dedup.pending_wait,
+            )
+            worker = CommandWorker(spec, connector, publisher, self.store, self.settings.send)
+            self.hosted.append(
+                HostedConnector(
+                    spec=spec,
+                    context=context,
+                    connector=connector,
+                    publisher=publisher,
+                    worker=worker,
+                )
+            )
+            mounted.append(
+                MountedConnector(
+                    spec=spec,
+                    routes=list(context.routes.values()),
+                    publisher=publisher,
+                    dedup_ttl=spec.dedup_ttl_seconds,
+                )
+            )
+            await connector.start()
+        app = build_app(
+            mounted,
+            max_body_bytes=self.settings.http.max_body_bytes,
+            public_base_url=self.settings.http.public_base_url,
+            readiness=self.readiness,
+        )
+        self._runner = web.AppRunner(app, access_log=None, handle_signals=False)
+        await self._runner.setup()
+        self._site = web.TCPSite(
+            self._runner, self.settings.http.host, self.settings.http.port, reuse_address=True
+        )
+        await self._site.start()
+        self.port = self._bound_port()
+        for hosted in self.hosted:
+            hosted.context.base_url = self.base_url
+        for hosted in self.hosted:
+            sub = await self.bus.consume(
+                command_queue_name(hosted.spec.channel, hosted.spec.provider),
+                hosted.worker.handle,
+                prefetch=self.settings.broker.prefetch,
+            )
+            self._subscriptions.append(sub)
+        log.info("service started", connectors=self.names, url=self.base_url)
+
+    def _bound_port(self) -> int:
+        assert self._runner is not None
+        for address in self._runner.addresses:
+            if isinstance(address, tuple):
+                return int(address[1])
+        return self.settings.http.port
+
+    async def readiness(self) -> dict[str, bool]:
+        """Named readiness checks for ``/readyz``."""
+        checks = {"broker": self.bus.is_ready()}
+        if isinstance(self.store, RedisIdempotencyStore):
+            checks["dedup_store"] = await self.store.ping()
+        return checks
+
+    async def stop(self) -> None:
+        """Drain and stop (safe to call twice)."""
+        if self._site is not None:
+            await self._site.stop()  # stop accepting new webhooks
+            self._site = None
+        for sub in self._subscriptions:
+            await sub.cancel()
+        self._subscriptions.clear()
+        if self._runner is not None:
+            await self._runner.cleanup()  # waits for in-flight webhook handlers
+            self._runner = None
+        for hosted in self.hosted:
+            await hosted.connector.stop()
+        self.hosted.clear()
+        if self._http is not None:
+            await self._http.close()
+            self._http = None
+        await self.bus.close()
+        await self.store.close()
+        log.info("service stopped", connectors=self.names)
+
+    async def run(self, *, stop_event: asyncio.Event | None = None) -> None:
+        """Start, wait for SIGTERM/SIGINT (or ``stop_event``), stop gracefully."""
+        stop = stop_event or asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        try:
+            await self.start()
+            await stop.wait()
+        finally:
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                loop.remove_signal_handler(sig)
+            await self.stop()
+
+
+def enabled_connectors(settings: RuntimeSettings, selectors: Sequence[str]) -> list[str]:
+    """Connector names for ``run`` arguments: a channel (``sms``) or a name (``sms.twilio``),
+    limited to those the config enables. No selector means every enabled one."""
+    names: list[str] = []
+    for selector in selectors or sorted(settings.connectors):
+        candidates = [selector] if "." in selector else registry.for_channel(selector)
+        if "." in selector:
+            registry.load(selector)  # a clear error for a misspelled name
+        names.extend(n for n in candidates if settings.connector_enabled(n) and n not in names)
+    if not names:
+        raise ConfigError(
+            f"no enabled connector matches {', '.join(selectors) or 'the config'}; "
+            f"installed: {', '.join(registry.available())}"
+        )
+    return names

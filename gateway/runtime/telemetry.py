@@ -1,0 +1,141 @@
+"""Logging, tracing and metrics set-up, owned by the runtime.
+
+Logs are structlog JSON (or console) lines bound to trace ids. Tracing always
+runs an SDK tracer provider so every published message carries a W3C
+``traceparent``; spans are exported only when an exporter is configured.
+Metrics are Prometheus collectors served on ``/metrics``.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import MutableMapping
+import sys
+from typing import Any
+
+import structlog
+from opentelemetry import propagate, trace
+from opentelemetry.sdk.resources import Resource
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import (
+    BatchSpanProcessor,
+    ConsoleSpanExporter,
+    SimpleSpanProcessor,
+    SpanExporter,
+)
+from prometheus_client import Counter, Histogram
+
+#: Header names whose values never reach a log line.
+SECRET_KEYS = frozenset(
+    {"authorization", "x-twilio-signature", "auth_token", "password", "secret", "token", "sig"}
+)
+
+
+def get_logger(name: str) -> Any:
+    """A structlog logger named ``name`` (configured by :func:`configure_logging`)."""
+    return structlog.get_logger(name)
+
+
+def _add_trace_ids(_: Any, __: str, event: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
+    ctx = trace.get_current_span().get_span_context()
+    if ctx.is_valid:
+        event.setdefault("trace_id", format(ctx.trace_id, "032x"))
+        event.setdefault("span_id", format(ctx.span_id, "016x"))
+    return event
+
+
+def _redact(_: Any, __: str, event: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
+    for key in list(event):
+        if key.lower() in SECRET_KEYS:
+            event[key] = "***"
+    return event
+
+
+def configure_logging(level: str = "INFO", fmt: str = "json") -> None:
+    """Configure structlog (and stdlib logging, for libraries) once per process."""
+    numeric = logging.getLevelNamesMapping().get(level.upper(), logging.INFO)
+    renderer: Any = (
+        structlog.processors.JSONRenderer()
+        if fmt == "json"
+        else structlog.dev.ConsoleRenderer(colors=sys.stderr.isatty())
+    )
+    structlog.configure(
+        processors=[
+            structlog.contextvars.merge_contextvars,
+            structlog.processors.add_log_level,
+            structlog.processors.TimeStamper(fmt="iso", utc=True),
+            _add_trace_ids,
+            _redact,
+            structlog.processors.format_exc_info,
+            renderer,
+        ],
+        wrapper_class=structlog.make_filtering_bound_logger(numeric),
+        logger_factory=structlog.PrintLoggerFactory(file=sys.stderr),
+        cache_logger_on_first_use=True,
+    )
+    logging.basicConfig(level=max(numeric, logging.WARNING), stream=sys.stderr)
+
+
+def configure_tracing(
+    service_name: str,
+    *,
+    otlp_endpoint: str | None = None,
+    console: bool = False,
+    exporter: SpanExporter | None = None,
+) -> TracerProvider:
+    """Install an SDK tracer provider; export spans where configured.
+
+    ``exporter`` is for tests (e.g. an InMemorySpanExporter).
+    """
+    provider = TracerProvider(resource=Resource.create({"service.name": service_name}))
+    if otlp_endpoint:
+        from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
+
+        provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter(endpoint=otlp_endpoint)))
+    if console:
+        provider.add_span_processor(BatchSpanProcessor(ConsoleSpanExporter()))
+    if exporter is not None:
+        provider.add_span_processor(SimpleSpanProcessor(exporter))
+    trace.set_tracer_provider(provider)
+    return provider
+
+
+def tracer() -> trace.Tracer:
+    """The gateway's tracer."""
+    return trace.get_tracer("channel-gateway")
+
+
+def inject_trace_headers(headers: dict[str, Any]) -> None:
+    """Write the current W3C trace context (``traceparent``, ``tracestate``) into headers."""
+    propagate.inject(headers)
+
+
+def extract_trace_context(headers: Any) -> Any:
+    """The trace context carried by message or HTTP headers."""
+    return propagate.extract({k: v for k, v in headers.items() if isinstance(v, str)})
+
+
+# Metrics: one set per process, labelled by connector.
+WEBHOOKS = Counter(
+    "gateway_webhooks_total",
+    "Webhook requests by connector, route and outcome",
+    ["connector", "route", "outcome"],
+)
+EVENTS_PUBLISHED = Counter(
+    "gateway_events_published_total", "Events confirmed by the broker", ["connector", "type"]
+)
+DUPLICATES = Counter(
+    "gateway_inbound_duplicates_total", "Inbound events dropped as duplicates", ["connector"]
+)
+PUBLISH_SECONDS = Histogram(
+    "gateway_publish_seconds",
+    "Time from publish to broker confirm",
+    buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5),
+)
+SENDS = Counter(
+    "gateway_sends_total", "Send commands by connector and outcome", ["connector", "outcome"]
+)
+SEND_RETRIES = Counter("gateway_send_retries_total", "Provider call retries", ["connector"])
+DEAD_LETTERS = Counter(
+    "gateway_dead_letters_total", "Commands rejected to the dead-letter exchange", ["connector"]
+)
