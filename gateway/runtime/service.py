@@ -29,7 +29,7 @@ from gateway.runtime.ingress import MountedConnector, build_app, route_path
 from gateway.runtime.memory_bus import InMemoryBus
 from gateway.runtime.outbound import CommandWorker
 from gateway.runtime.publisher import EventPublisher
-from gateway.runtime.telemetry import get_logger
+from gateway.runtime.telemetry import ensure_tracing, get_logger
 from gateway.runtime.topology import (
     Topology,
     base_topology,
@@ -139,6 +139,12 @@ class Service:
         settings = {
             spec.name: self.settings.connector_settings(spec, self._environ) for spec in specs
         }
+        telemetry = self.settings.telemetry
+        ensure_tracing(
+            "channel-gateway:" + ",".join(self.names),
+            otlp_endpoint=telemetry.otlp_endpoint,
+            console=telemetry.console_spans,
+        )
         if isinstance(self.bus, InMemoryBus):
             log.warning(
                 "USING THE IN-MEMORY BUS: events live in this process only and are lost on exit; "

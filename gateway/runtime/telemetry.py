@@ -100,6 +100,16 @@ def configure_tracing(
     return provider
 
 
+def ensure_tracing(service_name: str, *, otlp_endpoint: str | None, console: bool) -> None:
+    """Install an SDK tracer provider unless one is installed already.
+
+    Without one the OpenTelemetry API is a no-op and published messages would
+    carry no ``traceparent``.
+    """
+    if not isinstance(trace.get_tracer_provider(), TracerProvider):
+        configure_tracing(service_name, otlp_endpoint=otlp_endpoint, console=console)
+
+
 def tracer() -> trace.Tracer:
     """The gateway's tracer."""
     return trace.get_tracer("channel-gateway")
