@@ -184,6 +184,8 @@ class ConnectorSpec:
     #: Pydantic model of the connector's config section.
     settings: type[BaseModel]
     factory: Callable[[ConnectorContext, Any], Connector]
+    #: What the connector can do (the gateway reads it without building one).
+    manifest: ConnectorManifest
     #: How long inbound dedup remembers an event: at least the provider's retry window.
     dedup_ttl_seconds: int = 24 * 3600
 

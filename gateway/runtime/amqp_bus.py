@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+from collections.abc import Sequence
 from typing import Any
 
 import aio_pika
@@ -241,6 +242,16 @@ class AmqpBus:
         finally:
             del self._inflight_ids[message.message_id]
             done.set()
+
+    async def declare_temporary_queue(self, exchange: str, patterns: Sequence[str]) -> str:
+        if self._sub_conn is None:
+            raise BrokerUnavailableError("not connected")
+        # Declared on the consuming connection: an exclusive queue belongs to it.
+        channel = await self._sub_conn.channel()
+        queue = await channel.declare_queue(exclusive=True, auto_delete=True)
+        for pattern in patterns:
+            await queue.bind(exchange, routing_key=pattern)
+        return queue.name
 
     async def consume(
         self, queue: str, handler: DeliveryHandler, *, prefetch: int

@@ -9,7 +9,7 @@ delivery limit bounds how often.
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, Protocol
@@ -108,3 +108,7 @@ class Bus(Protocol):
 
     async def consume(self, queue: str, handler: DeliveryHandler, *, prefetch: int) -> Subscription:
         """Start consuming ``queue`` with manual acknowledgement."""
+
+    async def declare_temporary_queue(self, exchange: str, patterns: Sequence[str]) -> str:
+        """A server-named queue bound to ``patterns`` that disappears with this
+        connection (for ``tail`` and the demo); returns its name."""

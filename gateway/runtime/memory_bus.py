@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import uuid
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 
 from gateway.contract.errors import BadRequestError, PermanentError
@@ -21,7 +23,7 @@ from gateway.runtime.bus import (
     OutgoingMessage,
     UnroutableError,
 )
-from gateway.runtime.topology import DEAD_EXCHANGE, Queue, Topology, topic_matches
+from gateway.runtime.topology import DEAD_EXCHANGE, Binding, Queue, Topology, topic_matches
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -142,6 +144,15 @@ class InMemoryBus:
                 for b in q.spec.bindings
             )
         ]
+
+    async def declare_temporary_queue(self, exchange: str, patterns: Sequence[str]) -> str:
+        name = f"amq.gen-{uuid.uuid4().hex}"
+        bindings = tuple(Binding(exchange=exchange, routing_key=p) for p in patterns)
+        spec = Queue(
+            name=name, bindings=bindings, quorum=False, delivery_limit=None, dead_letter=False
+        )
+        self._queues[name] = _MemoryQueue(spec)
+        return name
 
     async def consume(
         self, queue: str, handler: DeliveryHandler, *, prefetch: int

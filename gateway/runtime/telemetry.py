@@ -9,8 +9,8 @@ Metrics are Prometheus collectors served on ``/metrics``.
 from __future__ import annotations
 
 import logging
-from collections.abc import MutableMapping
 import sys
+from collections.abc import MutableMapping
 from typing import Any
 
 import structlog

@@ -1,6 +1,6 @@
 """Twilio Programmable Messaging (SMS/MMS): entry point ``sms.twilio``."""
 
-from connectors.sms.twilio.connector import TwilioSettings, TwilioSmsConnector
+from connectors.sms.twilio.connector import MANIFEST, TwilioSettings, TwilioSmsConnector
 from gateway.contract import ConnectorSpec
 
 SPEC = ConnectorSpec(
@@ -8,6 +8,7 @@ SPEC = ConnectorSpec(
     provider="twilio",
     settings=TwilioSettings,
     factory=TwilioSmsConnector.create,
+    manifest=MANIFEST,
     # Twilio retries a webhook once, within 15 s; an hour is ample.
     dedup_ttl_seconds=3600,
 )
