@@ -13,12 +13,14 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from opentelemetry.trace import SpanKind
+
 from gateway.api.v1.envelope_pb2 import Event
 from gateway.contract.errors import TransientError
 from gateway.runtime.bus import Bus
 from gateway.runtime.codec import encode_event, event_routing_key
 from gateway.runtime.idempotency import ClaimState, IdempotencyStore
-from gateway.runtime.telemetry import DUPLICATES, EVENTS_PUBLISHED, PUBLISH_SECONDS
+from gateway.runtime.telemetry import DUPLICATES, EVENTS_PUBLISHED, PUBLISH_SECONDS, tracer
 from gateway.runtime.topology import EVENTS_EXCHANGE
 
 #: How long a claim may stay pending: a publish never takes longer than this.
@@ -57,12 +59,24 @@ class EventPublisher:
 
     async def publish(self, event: Event) -> None:
         """Publish one event and wait for the broker's confirm (no dedup)."""
-        message = encode_event(event)
-        started = time.perf_counter()
-        await self._bus.publish(
-            EVENTS_EXCHANGE, event_routing_key(event), message, timeout=self._timeout
-        )
-        PUBLISH_SECONDS.observe(time.perf_counter() - started)
+        routing_key = event_routing_key(event)
+        # A producer span per message (OTel messaging conventions); its context
+        # is what the message's traceparent carries to consumers.
+        with tracer().start_as_current_span(
+            f"publish {EVENTS_EXCHANGE}",
+            kind=SpanKind.PRODUCER,
+            attributes={
+                "messaging.system": "rabbitmq",
+                "messaging.operation.type": "send",
+                "messaging.destination.name": EVENTS_EXCHANGE,
+                "messaging.rabbitmq.destination.routing_key": routing_key,
+                "messaging.message.id": event.id,
+            },
+        ):
+            message = encode_event(event)
+            started = time.perf_counter()
+            await self._bus.publish(EVENTS_EXCHANGE, routing_key, message, timeout=self._timeout)
+            PUBLISH_SECONDS.observe(time.perf_counter() - started)
         EVENTS_PUBLISHED.labels(self._connector, event.type).inc()
 
     async def _claim(self, key: str, ttl: float) -> ClaimState:

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import itertools
+import uuid
 from collections import deque
 from dataclasses import dataclass, field
 from types import TracebackType
@@ -62,7 +62,6 @@ class FakeTwilio:
         self.calls: list[RecordedCall] = []
         self.callbacks_sent: list[tuple[str, str, int]] = []
         self._script: deque[ScriptedAnswer] = deque()
-        self._sids = itertools.count(1)
         self._runner: web.AppRunner | None = None
         self._tasks: set[asyncio.Task[None]] = set()
         self._session: aiohttp.ClientSession | None = None
@@ -160,7 +159,7 @@ class FakeTwilio:
             return web.json_response(
                 {"code": 21604, "message": "A 'To' phone number is required."}, status=400
             )
-        sid = f"SM{next(self._sids):032x}"
+        sid = f"SM{uuid.uuid4().hex}"  # unique across runs, like Twilio's
         resource = {
             "sid": sid,
             "account_sid": sid_account,
