@@ -118,7 +118,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             url = args.broker_url or load_config(args.config).broker.url
             return asyncio.run(_tail(url, args.patterns, args.count, args.json))
         if args.command == "connectors":
-            print(json.dumps([_describe(registry.load(n)) for n in registry.available()], indent=2))
+            listing: list[dict[str, object]] = []
+            for name in registry.available():
+                try:
+                    listing.append(_describe(registry.load(name)))
+                except ConnectorNotFoundError as exc:
+                    listing.append({"name": name, "error": str(exc)})
+            print(json.dumps(listing, indent=2))
             return 0
     except (ConfigError, ConnectorNotFoundError, BrokerUnavailableError) as exc:
         print(f"channel-gateway: {exc}", file=sys.stderr)

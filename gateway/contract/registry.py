@@ -31,7 +31,12 @@ def load(name: str) -> ConnectorSpec:
             f"no connector named {name!r} in entry-point group {GROUP!r}: misspelled, or its "
             f"package is not installed.{hint} Installed: {', '.join(names) or 'none'}"
         )
-    spec = matches[0].load()
+    try:
+        spec = matches[0].load()
+    except (ImportError, AttributeError) as exc:
+        raise ConnectorNotFoundError(
+            f"connector {name!r} is installed but failed to load ({matches[0].value}): {exc}"
+        ) from exc
     if not isinstance(spec, ConnectorSpec):
         raise ConnectorNotFoundError(
             f"entry point {name!r} ({matches[0].value}) is not a ConnectorSpec"

@@ -1,0 +1,154 @@
+"""The console script as a user runs it: real processes, real signals."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+CLI = [sys.executable, "-m", "gateway.cli"]
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _config(tmp_path: Path, port: int, broker: str) -> Path:
+    path = tmp_path / "config.yaml"
+    path.write_text(
+        f"""
+http: {{host: 127.0.0.1, port: {port}}}
+broker: {{url: "{broker}"}}
+telemetry: {{log_level: INFO}}
+connectors:
+  sms.twilio:
+    accounts:
+      main:
+        account_sid: AC{"a" * 32}
+        auth_token: {{env: TEST_TWILIO_TOKEN}}
+        numbers: ["+14155550100"]
+"""
+    )
+    return path
+
+
+def test_connectors_lists_installed_manifests() -> None:
+    out = subprocess.run([*CLI, "connectors"], capture_output=True, text=True, check=True, cwd=ROOT)
+    listed = {item["name"]: item for item in json.loads(out.stdout)}
+    assert "sms.twilio" in listed
+    assert listed["sms.twilio"]["manifest"]["channel"] == "sms"
+    assert "DELIVERY_STATE_DELIVERED" in listed["sms.twilio"]["manifest"]["deliveryStates"]
+
+
+def test_run_refuses_a_missing_secret_with_a_clear_message(tmp_path: Path) -> None:
+    config = _config(tmp_path, _free_port(), "memory://")
+    env = {k: v for k, v in os.environ.items() if k != "TEST_TWILIO_TOKEN"}
+    out = subprocess.run(
+        [*CLI, "--config", str(config), "run", "sms"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=30,
+        cwd=ROOT,
+    )
+    assert out.returncode == 2
+    assert "TEST_TWILIO_TOKEN is not set" in out.stderr
+    assert "connectors.sms.twilio" in out.stderr
+
+
+def test_run_refuses_an_example_secret(tmp_path: Path) -> None:
+    config = _config(tmp_path, _free_port(), "memory://")
+    env = {**os.environ, "TEST_TWILIO_TOKEN": "changeme"}
+    out = subprocess.run(
+        [*CLI, "--config", str(config), "run", "sms"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=30,
+        cwd=ROOT,
+    )
+    assert out.returncode == 2
+    assert "example value" in out.stderr
+
+
+def test_misspelled_connector_is_named(tmp_path: Path) -> None:
+    config = _config(tmp_path, _free_port(), "memory://")
+    out = subprocess.run(
+        [*CLI, "--config", str(config), "run", "sms.twillio"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        cwd=ROOT,
+    )
+    assert out.returncode == 2
+    assert "Did you mean 'sms.twilio'" in out.stderr
+
+
+@pytest.mark.rabbitmq
+def test_run_serves_health_and_stops_gracefully_on_sigterm(tmp_path: Path) -> None:
+    port = _free_port()
+    config = _config(tmp_path, port, "amqp://guest:guest@localhost:5672/")
+    env = {**os.environ, "TEST_TWILIO_TOKEN": "a-real-looking-token-0123456789"}
+    proc = subprocess.Popen(
+        [*CLI, "--config", str(config), "run", "sms"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+        cwd=ROOT,
+    )
+    try:
+        import urllib.request
+
+        deadline = time.monotonic() + 20
+        body = None
+        while time.monotonic() < deadline:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=1) as resp:
+                    body = json.loads(resp.read())
+                    break
+            except OSError:
+                time.sleep(0.1)
+        assert body == {"status": "ready", "checks": {"broker": True}}
+        proc.send_signal(signal.SIGTERM)
+        _, stderr = proc.communicate(timeout=20)
+        assert proc.returncode == 0
+        assert "service stopped" in stderr
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+
+
+def test_demo_runs_end_to_end_on_the_in_memory_bus() -> None:
+    out = subprocess.run(
+        [*CLI, "demo", "--broker-url", "memory://"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=ROOT,
+    )
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert out.stdout.count("message.received.sms.twilio") == 2
+    assert "HTTP 401" in out.stdout
+    for state in ("QUEUED", "SENT", "DELIVERED"):
+        assert f"{state} (" in out.stdout
+
+
+@pytest.mark.rabbitmq
+def test_demo_runs_end_to_end_on_rabbitmq() -> None:
+    out = subprocess.run([*CLI, "demo"], capture_output=True, text=True, timeout=60, cwd=ROOT)
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "in-memory" not in out.stdout.lower()
+    assert out.stdout.count("message.received.sms.twilio") == 2
+    assert "DELIVERED (delivered)" in out.stdout
