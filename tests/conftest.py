@@ -1,6 +1,8 @@
 """Shared fixtures: the real local services.
 
-A test that needs one fails (never skips) if it is down; `make test` runs scripts/ensure_services.sh first so CI always has them."""
+A test that needs one fails (never skips) if it is down; `make test` runs
+scripts/ensure_services.sh first so CI always has them.
+"""
 
 from __future__ import annotations
 
