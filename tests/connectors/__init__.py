@@ -1,0 +1,1 @@
+"""Connector tests, one folder per channel and provider."""

@@ -1,0 +1,1 @@
+"""SMS connector tests and the shared SMS helpers (encoding, addresses)."""
