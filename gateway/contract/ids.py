@@ -20,7 +20,9 @@ def inbound_event_id(provider: str, account: str, kind: str, *provider_ids: str)
     and each of its status callbacks); ``provider_ids`` are the provider's own
     identifiers (message SID, status name, error code ...).
     """
-    if not all(provider_ids):
+    # No provider id at all would give every event of this kind one id, and
+    # dedup would then drop all but the first.
+    if not provider_ids or not all(provider_ids):
         raise ValueError("inbound_event_id needs non-empty provider ids")
     name = "\x1f".join((provider, account, kind, *provider_ids))
     return str(uuid.uuid5(NAMESPACE, name))

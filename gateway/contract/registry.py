@@ -33,7 +33,8 @@ def load(name: str) -> ConnectorSpec:
         )
     try:
         spec = matches[0].load()
-    except (ImportError, AttributeError) as exc:
+    except Exception as exc:
+        # as one clear error naming the connector, with the original as its cause.
         raise ConnectorNotFoundError(
             f"connector {name!r} is installed but failed to load ({matches[0].value}): {exc}"
         ) from exc

@@ -37,6 +37,8 @@ def _resolve(value: Any, info: ValidationInfo) -> SecretStr:
             secret = Path(where).read_text().strip()
         except OSError as exc:
             raise ValueError(f"cannot read secret file {where}: {exc.strerror}") from exc
+        if not secret:
+            raise ValueError(f"secret file {where} is empty")
     else:
         raise ValueError(f"unknown secret source {source!r}: use env or file")
     lowered = secret.lower()

@@ -9,6 +9,7 @@ Metrics are Prometheus collectors served on ``/metrics``.
 from __future__ import annotations
 
 import logging
+import re
 import sys
 from collections.abc import MutableMapping
 from typing import Any
@@ -24,6 +25,8 @@ from opentelemetry.sdk.trace.export import (
     SpanExporter,
 )
 from prometheus_client import Counter, Histogram
+
+from gateway.contract.addresses import mask_email, mask_phone
 
 #: Header names whose values never reach a log line.
 SECRET_KEYS = frozenset(
@@ -44,10 +47,35 @@ def _add_trace_ids(_: Any, __: str, event: MutableMapping[str, Any]) -> MutableM
     return event
 
 
-def _redact(_: Any, __: str, event: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
+#: Phone numbers as providers and we write them (E.164, optionally with separators).
+_PHONE = re.compile(r"(?<![\w+])\+\d(?:[\d\s().-]{5,18}\d)")
+_EMAIL = re.compile(r"\b[\w.+-]+@[\w-]+(?:\.[\w-]+)+\b")
+
+
+def _mask_text(text: str) -> str:
+    text = _PHONE.sub(lambda m: mask_phone(re.sub(r"[^\d+]", "", m.group())), text)
+    return _EMAIL.sub(lambda m: mask_email(m.group()), text)
+
+
+def _mask(value: Any) -> Any:
+    if isinstance(value, str):
+        return _mask_text(value)
+    if isinstance(value, list | tuple):
+        return type(value)(_mask(v) for v in value)
+    if isinstance(value, dict):
+        return {k: "***" if str(k).lower() in SECRET_KEYS else _mask(v) for k, v in value.items()}
+    return value
+
+
+def _redact(_: Any, method: str, event: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
+    # Rule 8: secrets never reach logs; phone numbers and emails are masked
+    # at INFO and above (DEBUG keeps them for local troubleshooting).
+    mask = method != "debug"
     for key in list(event):
         if key.lower() in SECRET_KEYS:
             event[key] = "***"
+        elif mask and key not in ("timestamp", "level", "trace_id", "span_id"):
+            event[key] = _mask(event[key])
     return event
 
 

@@ -1,0 +1,1 @@
+"""channel-gateway tests: a package, so tests/connectors never shadows `connectors`."""
