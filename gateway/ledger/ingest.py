@@ -1,0 +1,138 @@
+"""The status ingestor: ``message.status.#`` from the bus into the ledger.
+
+Each status event is applied in one ledger transaction; the handler returns
+(and the bus acks) only after that commit, so a crash redelivers it and the
+event id makes the redelivery a no-op. A malformed event is rejected to the
+dead-letter exchange; a database error requeues it.
+"""
+
+from __future__ import annotations
+
+from gateway.api.v1.envelope_pb2 import Event
+from gateway.contract.errors import BadRequestError
+from gateway.ledger.fallback import (
+    ORIGIN_ATTRIBUTE,
+    ORIGIN_LEDGER,
+    EventEmitter,
+    FallbackEngine,
+    emit_notices,
+)
+from gateway.ledger.models import StatusUpdate
+from gateway.ledger.store import Applied, Ledger
+from gateway.runtime.bus import Bus, Delivery, Subscription
+from gateway.runtime.codec import decode_event
+from gateway.runtime.telemetry import get_logger
+from gateway.runtime.topology import DEFAULT_DELIVERY_LIMIT, Topology, subscription_queue
+
+log = get_logger("gateway.ledger.ingest")
+
+#: The gateway's status queue on ``channels.events``.
+DEFAULT_QUEUE = "gateway.ledger.statuses"
+STATUS_PATTERN = "message.status.#"
+
+
+def _trace_id(traceparent: str) -> str:
+    """The trace id of a W3C traceparent (``00-<32 hex>-<16 hex>-<2 hex>``), else ""."""
+    parts = traceparent.split("-")
+    if len(parts) == 4 and len(parts[1]) == 32:
+        return parts[1]
+    return ""
+
+
+def status_update_from_event(event: Event) -> StatusUpdate:
+    """The ledger update of a ``message.status`` event.
+
+    The message is identified by ``status.message_id`` (else the event's
+    ``causation_id``, which connectors set to the gateway message id) or the
+    provider message id. Raises :class:`BadRequestError` for an event that is
+    not a usable status.
+    """
+    if event.WhichOneof("payload") != "status":
+        raise BadRequestError(f"event {event.id} of type {event.type!r} carries no status")
+    status = event.status
+    try:
+        return StatusUpdate(
+            state=status.state,
+            message_id=status.message_id or event.causation_id,
+            provider_message_id=status.provider_message_id,
+            provider_status=status.provider_status,
+            reason_code=status.reason_code,
+            reason=status.reason,
+            permanent=status.permanent,
+            channel=event.channel,
+            provider=event.provider,
+            attempt=status.attempt,
+            trace_id=_trace_id(event.traceparent),
+            occurred_at=event.occurred_at.ToDatetime() if event.HasField("occurred_at") else None,
+            event_id=event.id,
+        )
+    except ValueError as exc:
+        raise BadRequestError(f"unusable status event {event.id}: {exc}") from exc
+
+
+class StatusIngestor:
+    """Consumes ``message.status.#`` into the ledger.
+
+    ``engine`` (optional) is woken when a status makes a fallback timer due;
+    ``emit`` (optional) publishes late-delivery notices.
+    """
+
+    def __init__(
+        self,
+        bus: Bus,
+        ledger: Ledger,
+        *,
+        engine: FallbackEngine | None = None,
+        emit: EventEmitter | None = None,
+        queue: str = DEFAULT_QUEUE,
+        prefetch: int = 32,
+        delivery_limit: int = DEFAULT_DELIVERY_LIMIT,
+    ) -> None:
+        self._bus, self._ledger, self._engine, self._emit = bus, ledger, engine, emit
+        self._queue, self._prefetch, self._limit = queue, prefetch, delivery_limit
+        self._subscription: Subscription | None = None
+
+    @property
+    def queue(self) -> str:
+        """Name of the status queue."""
+        return self._queue
+
+    def topology(self) -> Topology:
+        """The status queue bound to ``message.status.#`` on ``channels.events``."""
+        return Topology(queues=(subscription_queue(self._queue, (STATUS_PATTERN,), self._limit),))
+
+    async def start(self) -> None:
+        """Declare the queue and start consuming."""
+        await self._bus.declare(self.topology())
+        self._subscription = await self._bus.consume(
+            self._queue, self.handle, prefetch=self._prefetch
+        )
+
+    async def stop(self) -> None:
+        """Stop consuming; handlers in flight finish, unacked deliveries are requeued."""
+        if self._subscription is not None:
+            await self._subscription.cancel()
+            self._subscription = None
+
+    async def handle(self, delivery: Delivery) -> None:
+        """Apply one status delivery (acked by the bus when this returns)."""
+        event = decode_event(delivery)
+        if event.attributes.get(ORIGIN_ATTRIBUTE) == ORIGIN_LEDGER:
+            return  # our own notice: already in the ledger
+        applied = await self.apply(event)
+        if applied.fallback_due and self._engine is not None:
+            self._engine.wake()
+        await emit_notices(self._emit, applied.record, applied.entries)
+
+    async def apply(self, event: Event) -> Applied:
+        """Apply one status event to the ledger (without the bus)."""
+        update = status_update_from_event(event)
+        applied = await self._ledger.record_status(update)
+        log.debug(
+            "status applied",
+            message_id=update.message_id or None,
+            state=update.state,
+            duplicate=applied.duplicate,
+            pending=applied.pending,
+        )
+        return applied

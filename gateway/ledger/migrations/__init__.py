@@ -1,0 +1,1 @@
+"""Alembic migrations of the delivery ledger (run with :meth:`gateway.ledger.Ledger.migrate`)."""

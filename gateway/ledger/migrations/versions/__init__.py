@@ -1,0 +1,1 @@
+"""Ledger migration scripts, applied in revision order."""
