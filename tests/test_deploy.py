@@ -1,0 +1,512 @@
+"""Deployment artefacts agree with the code: example config, broker definitions, compose, k8s.
+
+The example config must load and validate with every connector it names; the RabbitMQ
+definitions must be what the runtime declares (checked on the real broker, in a throw-away
+vhost); the container and Kubernetes files must probe the paths and port the runtime serves.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import secrets
+import shutil
+import subprocess
+import sys
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+from urllib.parse import quote, urlsplit, urlunsplit
+
+import aio_pika
+import pytest
+import yaml
+from pydantic import BaseModel
+
+from gateway.contract import registry
+from gateway.contract.errors import ConfigError
+from gateway.runtime.amqp_bus import AmqpBus
+from gateway.runtime.codec import encode_event
+from gateway.runtime.config import (
+    BrokerSettings,
+    DedupSettings,
+    HttpSettings,
+    RuntimeSettings,
+    SendSettings,
+    TelemetrySettings,
+    load_config,
+)
+from gateway.runtime.idempotency import MemoryIdempotencyStore
+from gateway.runtime.ingress import build_app
+from gateway.runtime.memory_bus import InMemoryBus
+from gateway.runtime.service import Service
+from gateway.runtime.topology import COMMANDS_EXCHANGE, DEAD_EXCHANGE, EVENTS_EXCHANGE
+
+ROOT = Path(__file__).resolve().parent.parent
+DEPLOY = ROOT / "deploy"
+EXAMPLE = DEPLOY / "config.example.yaml"
+DEFINITIONS = DEPLOY / "rabbitmq" / "definitions.json"
+GEN_DEFINITIONS = ROOT / "scripts" / "gen_definitions.py"
+
+# -- helpers -----------------------------------------------------------------------------------
+
+
+def _secret_refs(node: Any) -> Iterator[tuple[str, str]]:
+    """Every ``{env: NAME}`` / ``{file: PATH}`` reference in a parsed config, in order."""
+    if isinstance(node, dict):
+        if len(node) == 1 and next(iter(node)) in ("env", "file"):
+            ((source, where),) = node.items()
+            yield source, where
+            return
+        for value in node.values():
+            yield from _secret_refs(value)
+    elif isinstance(node, list):
+        for value in node:
+            yield from _secret_refs(value)
+
+
+def _remap_files(node: Any, files: dict[str, Path]) -> Any:
+    """A copy of ``node`` whose ``{file: PATH}`` references point at ``files[PATH]``."""
+    if isinstance(node, dict):
+        if set(node) == {"file"}:
+            return {"file": str(files[node["file"]])}
+        return {k: _remap_files(v, files) for k, v in node.items()}
+    if isinstance(node, list):
+        return [_remap_files(v, files) for v in node]
+    return node
+
+
+def _rsa_private_key_pem() -> str:
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import rsa
+
+    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    return key.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption(),
+    ).decode()
+
+
+@pytest.fixture(scope="module")
+def example_raw() -> dict[str, Any]:
+    data = yaml.safe_load(EXAMPLE.read_text())
+    assert isinstance(data, dict)
+    return data
+
+
+@pytest.fixture
+def secret_env(example_raw: dict[str, Any]) -> dict[str, str]:
+    """Random, non-example values for every environment secret the example names."""
+    names = [where for source, where in _secret_refs(example_raw) if source == "env"]
+    assert names, "the example config names no environment secret"
+    return {name: "s3cr3t-" + secrets.token_hex(16) for name in names}
+
+
+@pytest.fixture
+def secret_files(example_raw: dict[str, Any], tmp_path: Path) -> dict[str, Path]:
+    """A real file for every file secret the example names (private keys get a real key)."""
+    files: dict[str, Path] = {}
+    for source, where in _secret_refs(example_raw):
+        if source != "file":
+            continue
+        path = tmp_path / "secrets" / Path(where).name
+        path.parent.mkdir(exist_ok=True)
+        content = _rsa_private_key_pem() if where.endswith(".key") else secrets.token_hex(16)
+        path.write_text(content + "\n")
+        files[where] = path
+    return files
+
+
+def _with_files(settings: RuntimeSettings, files: dict[str, Path]) -> RuntimeSettings:
+    return settings.model_copy(update={"connectors": _remap_files(settings.connectors, files)})
+
+
+# -- the example config ------------------------------------------------------------------------
+
+
+def test_example_config_loads_and_every_connector_validates(
+    secret_env: dict[str, str], secret_files: dict[str, Path]
+) -> None:
+    settings = load_config(EXAMPLE, environ=secret_env)
+    resolved = _with_files(settings, secret_files)
+    assert set(settings.connectors) >= {"sms.twilio", "sms.vonage"}
+    for name in settings.connectors:
+        spec = registry.load(name)  # registered under that entry-point name
+        assert settings.connector_enabled(name)
+        validated = resolved.connector_settings(spec, secret_env)
+        assert isinstance(validated, spec.settings)
+
+    twilio: Any = resolved.connector_settings(registry.load("sms.twilio"), secret_env)
+    assert len(twilio.accounts) >= 2
+    assert all(a.numbers or a.messaging_service_sid for a in twilio.accounts.values())
+    token_names = [
+        settings.connectors["sms.twilio"]["accounts"][k]["auth_token"]["env"]
+        for k in twilio.accounts
+    ]
+    assert [a.auth_token.get_secret_value() for a in twilio.accounts.values()] == [
+        secret_env[n] for n in token_names
+    ]
+    vonage: Any = resolved.connector_settings(registry.load("sms.vonage"), secret_env)
+    assert len(vonage.accounts) >= 2
+    # One account sends with the API secret, the other with an application key from a file.
+    assert {a.application_id is None for a in vonage.accounts.values()} == {True, False}
+    keys = [a.private_key for a in vonage.accounts.values() if a.private_key is not None]
+    assert keys[0].get_secret_value().startswith("-----BEGIN PRIVATE KEY-----")
+
+
+def _keys_of(model: type[BaseModel]) -> set[str]:
+    return set(model.model_fields)
+
+
+def test_example_config_lists_every_key_with_its_default(example_raw: dict[str, Any]) -> None:
+    """A "fully commented example": every settings key appears, runtime sections at their
+    defaults (the comments say "default ..."; a changed default must change the example)."""
+    sections: dict[str, type[BaseModel]] = {
+        "http": HttpSettings,
+        "broker": BrokerSettings,
+        "dedup": DedupSettings,
+        "telemetry": TelemetrySettings,
+        "send": SendSettings,
+    }
+    documented = {*sections, "subscriptions", "connectors"}
+    assert set(example_raw) == documented
+    assert documented <= _keys_of(RuntimeSettings)
+    for name, model in sections.items():
+        assert set(example_raw[name]) == _keys_of(model), name
+        assert model.model_validate(example_raw[name]) == model(), name
+    for name, section in example_raw["connectors"].items():
+        spec = registry.load(name)
+        assert set(section) - {"enabled"} == _keys_of(spec.settings), name
+        account_model = spec.settings.model_fields["accounts"].annotation
+        account_type = account_model.__args__[1]  # type: ignore[union-attr]
+        # Every account key appears in at least one account (the accounts show alternatives).
+        shown = set().union(*(set(a) for a in section["accounts"].values()))
+        assert shown == _keys_of(account_type), f"{name}.accounts"
+
+
+def test_example_config_holds_no_literal_secret(example_raw: dict[str, Any]) -> None:
+    refs = list(_secret_refs(example_raw))
+    assert {source for source, _ in refs} == {"env", "file"}
+    text = EXAMPLE.read_text()
+    for _, where in refs:
+        assert where in text
+
+
+def test_missing_env_secret_stops_start_with_the_field_and_variable(
+    secret_env: dict[str, str], secret_files: dict[str, Path]
+) -> None:
+    del secret_env["TWILIO_MARKETING_AUTH_TOKEN"]
+    settings = _with_files(load_config(EXAMPLE, environ=secret_env), secret_files)
+    with pytest.raises(ConfigError) as info:
+        settings.connector_settings(registry.load("sms.twilio"), secret_env)
+    message = str(info.value)
+    assert "connectors.sms.twilio" in message
+    assert "accounts.marketing.auth_token" in message
+    assert "environment variable TWILIO_MARKETING_AUTH_TOKEN is not set" in message
+
+
+def test_missing_secret_file_and_example_values_are_refused(
+    secret_env: dict[str, str], secret_files: dict[str, Path]
+) -> None:
+    settings = load_config(EXAMPLE, environ=secret_env)
+    with pytest.raises(ConfigError) as info:  # the file paths of the example do not exist here
+        settings.connector_settings(registry.load("sms.vonage"), secret_env)
+    assert "accounts.eu.private_key" in str(info.value)
+    assert "cannot read secret file /etc/channel-gateway/secrets/vonage-eu-private.key" in str(
+        info.value
+    )
+
+    secret_env["VONAGE_MAIN_SIGNATURE_SECRET"] = "changeme"
+    with pytest.raises(ConfigError) as info:
+        _with_files(settings, secret_files).connector_settings(
+            registry.load("sms.vonage"), secret_env
+        )
+    assert "accounts.main.signature_secret" in str(info.value)
+    assert "example value" in str(info.value)
+
+
+def test_cli_refuses_to_start_without_a_secret(secret_env: dict[str, str], tmp_path: Path) -> None:
+    """What an operator sees: exit status 2 and one line naming the field, before any
+    connection is attempted (the broker URL points at a closed port)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CHANNEL_GATEWAY")}
+    env.update(secret_env)
+    del env["TWILIO_MAIN_AUTH_TOKEN"]
+    env["CHANNEL_GATEWAY__BROKER__URL"] = "amqp://guest:guest@127.0.0.1:1/"
+    env["CHANNEL_GATEWAY__HTTP__PORT"] = "0"
+    result = subprocess.run(
+        [sys.executable, "-m", "gateway.cli", "--config", str(EXAMPLE), "run", "sms.twilio"],
+        env=env,
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert result.returncode == 2, result.stderr
+    assert "accounts.main.auth_token" in result.stderr
+    assert "TWILIO_MAIN_AUTH_TOKEN is not set" in result.stderr
+    assert "cannot connect" not in result.stderr
+
+
+# -- RabbitMQ definitions ----------------------------------------------------------------------
+
+
+def test_definitions_are_up_to_date() -> None:
+    result = subprocess.run(
+        [sys.executable, str(GEN_DEFINITIONS), "--check"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_definitions_check_fails_on_drift(tmp_path: Path) -> None:
+    stale = tmp_path / "definitions.json"
+    stale.write_text(
+        DEFINITIONS.read_text().replace('"x-delivery-limit": 5', '"x-delivery-limit": 9')
+    )
+    result = subprocess.run(
+        [sys.executable, str(GEN_DEFINITIONS), "--check", "--output", str(stale)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 1
+    assert "out of date" in result.stdout
+    assert '-        "x-delivery-limit": 9,' in result.stdout
+
+
+def _rabbitmqctl(*args: str) -> subprocess.CompletedProcess[str]:
+    ctl = shutil.which("rabbitmqctl") or "/usr/sbin/rabbitmqctl"
+    result = subprocess.run([ctl, "-q", *args], capture_output=True, text=True, timeout=30)
+    assert result.returncode == 0, f"rabbitmqctl {' '.join(args)}: {result.stderr}"
+    return result
+
+
+def _import_definitions(text: str) -> None:
+    # rabbitmqctl runs as the rabbitmq user, who cannot read pytest's private tmp directories
+    # (and this version does not take the file on stdin): a world-readable directory of our own.
+    shared = Path(tempfile.mkdtemp(prefix="cg-definitions-"))
+    try:
+        shared.chmod(0o755)
+        path = shared / "definitions.json"
+        path.write_text(text)
+        path.chmod(0o644)
+        _rabbitmqctl("import_definitions", str(path))
+    finally:
+        shutil.rmtree(shared)
+
+
+def _vhost_url(url: str, vhost: str) -> str:
+    parts = urlsplit(url)
+    return urlunsplit(parts._replace(path="/" + quote(vhost, safe="")))
+
+
+@pytest.mark.rabbitmq
+async def test_definitions_provision_what_the_runtime_declares(
+    rabbitmq_url: str, unique: str
+) -> None:
+    """Import the definitions into a fresh vhost of the real broker; commands route to the
+    connector queues before any service ran, and the runtime's own declarations (same names,
+    same arguments, or RabbitMQ refuses them) succeed on top."""
+    sys.path.insert(0, str(GEN_DEFINITIONS.parent))
+    try:
+        import gen_definitions
+    finally:
+        sys.path.remove(str(GEN_DEFINITIONS.parent))
+
+    vhost = f"cg-test-{unique}"
+    user = urlsplit(rabbitmq_url).username or "guest"
+    _import_definitions(gen_definitions.render(vhost=vhost))
+    bus = AmqpBus(_vhost_url(rabbitmq_url, vhost))
+    try:
+        _rabbitmqctl("set_permissions", "-p", vhost, user, ".*", ".*", ".*")
+        await bus.connect()
+        # Routed (mandatory + confirm) only if the imported bindings exist.
+        from gateway.api.v1.envelope_pb2 import Event
+
+        message = encode_event(Event(id=f"probe-{unique}", type="probe", channel="sms"))
+        for name in registry.available():
+            channel, provider = name.split(".", 1)
+            await bus.publish(COMMANDS_EXCHANGE, f"send.{channel}.{provider}", message, timeout=5)
+        await bus.publish(DEAD_EXCHANGE, "anything.at.all", message, timeout=5)
+        # Each probe landed in the queue the imported bindings route it to.
+        connection = await aio_pika.connect(_vhost_url(rabbitmq_url, vhost))
+        try:
+            channel = await connection.channel()
+            for queue_name in (
+                "channels.dead-letters",
+                *(f"connector.{name}.send" for name in registry.available()),
+            ):
+                queue = await channel.get_queue(queue_name, ensure=True)
+                got = await queue.get(no_ack=True, fail=False, timeout=5)
+                assert got is not None, queue_name
+                assert got.message_id == f"probe-{unique}"
+        finally:
+            await connection.close()
+
+        service = Service(
+            RuntimeSettings(),
+            registry.available(),
+            bus=InMemoryBus(),
+            store=MemoryIdempotencyStore(),
+        )
+        runtime = service.topology([registry.load(n) for n in registry.available()])
+        await bus.declare(runtime)  # PRECONDITION_FAILED if any argument differed
+        assert {q.name for q in runtime.queues} == {
+            "channels.dead-letters",
+            *(f"connector.{name}.send" for name in registry.available()),
+        }
+        assert {e.name for e in runtime.exchanges} == {
+            EVENTS_EXCHANGE,
+            COMMANDS_EXCHANGE,
+            DEAD_EXCHANGE,
+        }
+    finally:
+        await bus.close()
+        _rabbitmqctl("delete_vhost", vhost)
+
+
+# -- containers and Kubernetes -----------------------------------------------------------------
+
+
+def _load_all(path: Path) -> list[dict[str, Any]]:
+    return [doc for doc in yaml.safe_load_all(path.read_text()) if doc]
+
+
+def _k8s() -> dict[str, dict[str, Any]]:
+    docs: dict[str, dict[str, Any]] = {}
+    for path in sorted((DEPLOY / "k8s").glob("*.yaml")):
+        for doc in _load_all(path):
+            docs[doc["kind"]] = doc
+    return docs
+
+
+def test_runtime_serves_the_probed_paths() -> None:
+    async def ready() -> dict[str, bool]:
+        return {}
+
+    app = build_app([], max_body_bytes=1024, public_base_url=None, readiness=ready)
+    paths = {r.resource.canonical for r in app.router.routes() if r.resource is not None}
+    assert {"/healthz", "/readyz", "/metrics"} <= paths
+
+
+def test_dockerfile_runs_the_sms_service_as_non_root() -> None:
+    text = (DEPLOY / "Dockerfile").read_text()
+    port = HttpSettings().port
+    assert re.search(r"^FROM python:3\.11-slim$", text, re.M)
+    assert re.search(r"^RUN pip install \.", text, re.M)
+    user = re.search(r"^USER (\S+)$", text, re.M)
+    assert user is not None
+    assert user.group(1).split(":")[0] not in ("root", "0")
+    assert re.search(rf"^EXPOSE {port}$", text, re.M)
+    joined = text.replace("\\\n", " ")  # Dockerfile line continuations
+    healthcheck = re.search(r"^HEALTHCHECK .*$", joined, re.M)
+    assert healthcheck is not None
+    assert f"http://127.0.0.1:{port}/healthz" in healthcheck.group(0)
+    assert 'ENTRYPOINT ["channel-gateway"]' in text
+    assert 'CMD ["run", "sms"]' in text
+    for copied in re.findall(r"^COPY (\S+)", text, re.M):
+        assert (ROOT / copied).exists(), copied
+
+
+def test_compose_wires_broker_redis_and_the_sms_service(example_raw: dict[str, Any]) -> None:
+    compose = yaml.safe_load((DEPLOY / "compose.yaml").read_text())
+    services = compose["services"]
+    assert set(services) == {"rabbitmq", "redis", "sms"}
+    port = HttpSettings().port
+
+    sms = services["sms"]
+    assert sms["build"]["dockerfile"] == "deploy/Dockerfile"
+    assert (DEPLOY / sms["build"]["context"] / sms["build"]["dockerfile"]).is_file()
+    assert sms["command"] == ["run", "sms"]
+    env = sms["environment"]
+    assert env["CHANNEL_GATEWAY__HTTP__HOST"] == "0.0.0.0"
+    assert int(env["CHANNEL_GATEWAY__HTTP__PORT"]) == port
+    assert env["CHANNEL_GATEWAY__BROKER__URL"].endswith("@rabbitmq:5672/")
+    assert env["CHANNEL_GATEWAY__DEDUP__URL"].startswith("redis://redis:")
+    assert f"127.0.0.1:{port}/healthz" in " ".join(sms["healthcheck"]["test"])
+    assert f"{port}:{port}" in sms["ports"]
+    mounts = {m.split(":")[1]: m.split(":")[0] for m in sms["volumes"]}
+    assert mounts[env["CHANNEL_GATEWAY_CONFIG"]] == "./config.example.yaml"
+    for source, where in _secret_refs(example_raw):
+        if source == "env":
+            assert where in env, f"compose does not pass {where}"
+        else:
+            assert where in mounts, f"compose does not mount {where}"
+    assert set(sms["depends_on"]) == {"rabbitmq", "redis"}
+
+    rabbit = services["rabbitmq"]
+    rabbit_mounts = dict(m.split(":")[:2] for m in rabbit["volumes"])
+    assert rabbit_mounts["./rabbitmq/definitions.json"].startswith("/etc/rabbitmq/definitions.d/")
+    conf_target = rabbit_mounts["./rabbitmq/10-definitions.conf"]
+    assert conf_target.startswith("/etc/rabbitmq/conf.d/")
+    conf = (DEPLOY / "rabbitmq" / "10-definitions.conf").read_text()
+    assert re.search(r"^load_definitions = /etc/rabbitmq/definitions.d$", conf, re.M)
+
+
+def test_kubernetes_probes_ports_and_secrets_match_the_runtime(
+    example_raw: dict[str, Any],
+) -> None:
+    docs = _k8s()
+    assert {"Deployment", "Service", "ConfigMap", "PodDisruptionBudget"} <= set(docs)
+    deployment, service = docs["Deployment"], docs["Service"]
+    pod = deployment["spec"]["template"]["spec"]
+    (container,) = pod["containers"]
+    port = HttpSettings().port
+    ports = {p["name"]: p["containerPort"] for p in container["ports"]}
+    assert ports["http"] == port
+    env = {e["name"]: e for e in container["env"]}
+    assert env["CHANNEL_GATEWAY__HTTP__HOST"]["value"] == "0.0.0.0"
+    assert int(env["CHANNEL_GATEWAY__HTTP__PORT"]["value"]) == port
+    assert env["CHANNEL_GATEWAY__DEDUP__URL"]["value"].startswith("redis://")
+    assert deployment["spec"]["replicas"] > 1  # hence Redis dedup
+    assert container["args"] == ["run", "sms"]
+
+    assert container["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": "http"}
+    assert container["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "http"}
+    # Draining needs at least a publish timeout plus one provider call after SIGTERM.
+    drain = BrokerSettings().publish_timeout + SendSettings().provider_timeout
+    assert pod["terminationGracePeriodSeconds"] > drain
+    assert pod["securityContext"]["runAsNonRoot"] is True
+
+    # Every secret the config names comes from a Secret: env by secretKeyRef, files by volume.
+    secret_names: set[str] = set()
+    mounts = {m["mountPath"]: m["name"] for m in container["volumeMounts"]}
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    for source, where in _secret_refs(example_raw):
+        if source == "env":
+            ref = env[where]["valueFrom"]["secretKeyRef"]
+            secret_names.add(ref["name"])
+        else:
+            directory, filename = where.rsplit("/", 1)
+            volume = volumes[mounts[directory]]["secret"]
+            secret_names.add(volume["secretName"])
+            assert filename in {item["path"] for item in volume["items"]}
+    assert "valueFrom" in env["CHANNEL_GATEWAY__BROKER__URL"]  # it carries the password
+    assert len(secret_names) == 1
+
+    config_mount = next(
+        m
+        for m in container["volumeMounts"]
+        if m["mountPath"] == env["CHANNEL_GATEWAY_CONFIG"]["value"]
+    )
+    config_map = volumes[config_mount["name"]]["configMap"]["name"]
+    assert docs["ConfigMap"]["metadata"]["name"] == config_map
+    assert docs["ConfigMap"]["data"][config_mount["subPath"]] == EXAMPLE.read_text(), (
+        "deploy/k8s/configmap.yaml differs from deploy/config.example.yaml; regenerate it "
+        "(command in its header)"
+    )
+
+    labels = deployment["spec"]["template"]["metadata"]["labels"]
+    assert deployment["spec"]["selector"]["matchLabels"].items() <= labels.items()
+    assert service["spec"]["selector"].items() <= labels.items()
+    assert docs["PodDisruptionBudget"]["spec"]["selector"]["matchLabels"].items() <= labels.items()
+    (service_port,) = service["spec"]["ports"]
+    assert service_port["targetPort"] in (port, "http")
+
+    kustomization = yaml.safe_load((DEPLOY / "k8s" / "kustomization.yaml").read_text())
+    listed = set(kustomization["resources"])
+    assert listed == {p.name for p in (DEPLOY / "k8s").glob("*.yaml")} - {"kustomization.yaml"}
