@@ -266,6 +266,61 @@ class Harness:
         await self.provider.stop()
 
 
+@contextlib.asynccontextmanager
+async def serve(
+    connector: str,
+    provider: FakeProvider,
+    connector_settings: Callable[[str], Mapping[str, Any]],
+    *,
+    environ: Mapping[str, str],
+    bus: Bus | None = None,
+    broker_url: str = "memory://",
+    store: IdempotencyStore | None = None,
+    collect: bool = True,
+    http: Mapping[str, Any] | None = None,
+) -> AsyncIterator[Harness]:
+    """Start ``provider`` and a :class:`Service` hosting ``connector`` whose config
+    section is ``connector_settings(provider.url)``; stop both afterwards.
+
+    The service runs on ``bus`` (default: a new in-memory bus, or the broker at
+    ``broker_url`` when that is an ``amqp://`` URL) with the suite's fast send
+    settings; ``http`` overrides webhook server settings (``public_base_url``).
+    Every event collected is checked against the connector's manifest.
+    """
+    await provider.start()
+    try:
+        settings = RuntimeSettings.model_validate(
+            {
+                "http": {"host": "127.0.0.1", "port": 0, **(http or {})},
+                "broker": {"url": broker_url, "publish_timeout": 2.0, "connect_timeout": 3.0},
+                "send": SEND_SETTINGS,
+                "connectors": {connector: dict(connector_settings(provider.url))},
+            }
+        )
+        service = Service(
+            settings,
+            [connector],
+            bus=bus if bus is not None or broker_url != "memory://" else InMemoryBus(),
+            store=store,
+            environ=environ,
+        )
+    except BaseException:
+        await provider.stop()
+        raise
+    manifest = registry.load(connector).manifest
+    async with aiohttp.ClientSession() as session:
+        harness = Harness(service, provider, manifest, session)
+        try:
+            await service.start()
+            if collect:
+                await harness.collect()
+            yield harness
+        finally:
+            await harness.close()
+        # Manifest honesty holds for every event of every test, not only one.
+        assert not harness.manifest_violations, harness.manifest_violations
+
+
 # -- buses with injected faults (in-memory) --------------------------------------
 
 
@@ -430,35 +485,18 @@ class ConnectorConformance:
         http: Mapping[str, Any] | None = None,
     ) -> AsyncIterator[Harness]:
         """The connector in a started service (in-memory bus unless told otherwise)."""
-        provider = self.fake_provider()
-        await provider.start()
-        settings = RuntimeSettings.model_validate(
-            {
-                "http": {"host": "127.0.0.1", "port": 0, **(http or {})},
-                "broker": {"url": broker_url, "publish_timeout": 2.0, "connect_timeout": 3.0},
-                "send": SEND_SETTINGS,
-                "connectors": {self.connector: self.connector_settings(provider.url)},
-            }
-        )
-        service = Service(
-            settings,
-            [self.connector],
-            bus=bus if bus is not None or broker_url != "memory://" else InMemoryBus(),
-            store=store,
+        async with serve(
+            self.connector,
+            self.fake_provider(),
+            self.connector_settings,
             environ=self.environ(),
-        )
-        manifest = registry.load(self.connector).manifest
-        async with aiohttp.ClientSession() as session:
-            harness = Harness(service, provider, manifest, session)
-            try:
-                await service.start()
-                if collect:
-                    await harness.collect()
-                yield harness
-            finally:
-                await harness.close()
-            # Manifest honesty holds for every event of every test, not only one.
-            assert not harness.manifest_violations, harness.manifest_violations
+            bus=bus,
+            broker_url=broker_url,
+            store=store,
+            collect=collect,
+            http=http,
+        ) as harness:
+            yield harness
 
     @staticmethod
     def _received(event: Event) -> bool:
