@@ -4,8 +4,8 @@ Form requests: ``base64(HMAC-SHA1(auth_token, url + Σ sorted(name + value)))``
 with parameter names sorted and each name's distinct values sorted. JSON
 requests carry ``bodySHA256`` in the URL query: the signature covers the URL
 alone and the body must hash to it. Like Twilio's own validator, the URL is
-tried with and without the scheme's default port, since Twilio is not
-consistent about including it. A Twilio SharedKey signature names its
+tried as called, without its port and with the scheme's default port, since
+Twilio is not consistent about including a port. A Twilio SharedKey signature names its
 algorithm (HMAC_SHA256) in ``X-Twilio-Webhooks-Signature-Settings``.
 
 https://www.twilio.com/docs/usage/security#validating-requests
@@ -38,16 +38,22 @@ def compute_signature(
 
 
 def _url_variants(url: str) -> list[str]:
+    # Twilio has signed URLs with a port both with and without it (also for
+    # non-default ports: twilio-python #402/#477, twilio-csharp #44), so, like
+    # its SDK validators, try the URL as called, without its port, and with the
+    # scheme's default port. Host text is kept as is (no case folding).
     parts = urlsplit(url)
-    host = parts.hostname or ""
-    if ":" in host:  # IPv6 literal
-        host = f"[{host}]"
-    default = 443 if parts.scheme == "https" else 80
-    with_port = parts._replace(netloc=f"{host}:{parts.port or default}")
-    without_port = parts._replace(netloc=host)
-    if parts.port not in (None, default):
-        return [url]
-    return [urlunsplit(without_port), urlunsplit(with_port)]
+    userinfo, at, hostport = parts.netloc.rpartition("@")
+    host, port = hostport, ""
+    if hostport.startswith("["):  # IPv6 literal
+        end = hostport.find("]") + 1
+        host, port = hostport[:end], hostport[end + 1 :]
+    elif ":" in hostport:
+        host, _, port = hostport.rpartition(":")
+    default = "443" if parts.scheme == "https" else "80"
+    without_port = urlunsplit(parts._replace(netloc=f"{userinfo}{at}{host}"))
+    with_port = urlunsplit(parts._replace(netloc=f"{userinfo}{at}{host}:{port or default}"))
+    return list(dict.fromkeys((url, without_port, with_port)))
 
 
 def _algorithm(settings_header: str | None) -> str:
