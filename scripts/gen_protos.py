@@ -20,7 +20,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 PROTO_ROOT = ROOT / "proto"
 PACKAGE_DIR = Path("gateway/api/v1")
-GENERATED_SUFFIXES = ("_pb2.py", "_pb2.pyi", "_pb2_grpc.py")
+GENERATED_SUFFIXES = ("_pb2.py", "_pb2.pyi", "_pb2_grpc.py", "_pb2_grpc.pyi")
 
 
 def generate(out: Path) -> None:
@@ -28,8 +28,10 @@ def generate(out: Path) -> None:
         str(p.relative_to(PROTO_ROOT)) for p in (PROTO_ROOT / PACKAGE_DIR).glob("*.proto")
     )
     well_known = str(resources.files("grpc_tools") / "_proto")
-    plugin = shutil.which("protoc-gen-mypy", path=str(Path(sys.executable).parent))
-    if plugin is None:
+    bindir = str(Path(sys.executable).parent)
+    plugin = shutil.which("protoc-gen-mypy", path=bindir)
+    grpc_plugin = shutil.which("protoc-gen-mypy_grpc", path=bindir)
+    if plugin is None or grpc_plugin is None:
         raise SystemExit("protoc-gen-mypy not found next to this Python: pip install mypy-protobuf")
     cmd = [
         sys.executable,
@@ -38,9 +40,12 @@ def generate(out: Path) -> None:
         f"-I{PROTO_ROOT}",
         f"-I{well_known}",
         f"--plugin=protoc-gen-mypy={plugin}",
+        # Typed stubs of the service classes, so mypy --strict checks the server.
+        f"--plugin=protoc-gen-mypy_grpc={grpc_plugin}",
         f"--python_out={out}",
         f"--mypy_out={out}",
         f"--grpc_python_out={out}",
+        f"--mypy_grpc_out={out}",
         *protos,
     ]
     subprocess.run(cmd, check=True, cwd=PROTO_ROOT)
@@ -49,6 +54,7 @@ def generate(out: Path) -> None:
     for grpc_file in (out / PACKAGE_DIR).glob("*_pb2_grpc.py"):
         if "Servicer" not in grpc_file.read_text():
             grpc_file.unlink()
+            grpc_file.with_suffix(".pyi").unlink(missing_ok=True)
 
 
 def generated_files(base: Path) -> set[str]:
