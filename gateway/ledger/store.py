@@ -1111,8 +1111,9 @@ def _next_command(
     command = SendMessageCommand()
     command.ParseFromString(stored)
     if (command.channel, command.provider) != (channel, provider):
-        # The account key belongs to the first connector; the next one uses its default.
+        # Account and sender belong to the first connector; the next one uses its defaults.
         command.account = ""
+        command.message.ClearField("sender")
     command.channel, command.provider, command.attempt = channel, provider, attempt
     first = (
         command.message.recipients[0]
