@@ -41,6 +41,7 @@ import random
 import uuid
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
 from types import TracebackType
 from typing import Any, ClassVar, Protocol, Self
 
@@ -794,6 +795,17 @@ class ConnectorConformance:
             again = await h.statuses_of(command.message_id, 2)
             assert len(h.provider.calls) == 1
             assert {e.id for e in again} == {first.id}, "a redelivery produced another outcome"
+
+    async def test_expired_command_is_not_sent(self) -> None:
+        async with self.running() as h:
+            command = self.send_command(str(uuid.uuid4()))
+            command.expires_at.FromDatetime(datetime.now(UTC) - timedelta(seconds=1))
+            await h.send(command)
+            (status,) = await h.statuses_of(command.message_id, 1)
+            assert len(h.provider.calls) == 0
+            assert status.status.state == S.DELIVERY_STATE_EXPIRED
+            # The harness then checks the manifest declares EXPIRED: the runtime
+            # emits it on the connector's behalf.
 
     # -- manifest honesty ------------------------------------------------------------------------
 

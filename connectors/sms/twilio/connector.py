@@ -73,7 +73,15 @@ MANIFEST = ConnectorManifest(
     docs_url="https://www.twilio.com/docs/messaging/api/message-resource",
     outbound_content=["text", "media"],
     inbound_content=["text", "media"],
-    delivery_states=sorted(set(mapping.STATUS_MAP.values())),
+    # Callback states, plus the outcomes the runtime reports for our sends:
+    # FAILED (send errors) and EXPIRED (a command past its expires_at).
+    delivery_states=sorted(
+        {
+            *mapping.STATUS_MAP.values(),
+            DeliveryState.DELIVERY_STATE_FAILED,
+            DeliveryState.DELIVERY_STATE_EXPIRED,
+        }
+    ),
     event_types=["message.received", "message.status"],
     limits=ConnectorLimits(max_text_length=1600, max_attachments=MAX_MEDIA, max_recipients=1),
     idempotent_send=False,
