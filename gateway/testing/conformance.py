@@ -261,10 +261,12 @@ class Harness:
 
     async def close(self) -> None:
         """Stop collecting, the service and the fake provider."""
-        if self._subscription is not None:
-            await self._subscription.cancel()
-        await self.service.stop()
-        await self.provider.stop()
+        try:
+            if self._subscription is not None:
+                await self._subscription.cancel()
+            await self.service.stop()
+        finally:
+            await self.provider.stop()
 
 
 @contextlib.asynccontextmanager
@@ -814,7 +816,11 @@ class ConnectorConformance:
         assert f"{manifest.channel}.{manifest.provider}" == self.connector
         assert manifest.api_version, "the manifest names the provider API version"
         assert manifest.docs_url, "the manifest links the provider's docs"
+        assert manifest.event_types, "the manifest declares the event types it publishes"
+        assert manifest.delivery_states or manifest.inbound_content
         async with self.running() as h:
+            # The connector built by the service declares what its spec declares.
+            assert [c.connector.manifest for c in h.service.hosted] == [manifest]
             base = h.base_url
             await h.post(self.inbound_webhook(base, self.new_provider_message_id()))
             await h.post(self.batch_case(base).call)
