@@ -7,6 +7,7 @@ vhost); the container and Kubernetes files must probe the paths and port the run
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import secrets
@@ -510,3 +511,39 @@ def test_kubernetes_probes_ports_and_secrets_match_the_runtime(
     kustomization = yaml.safe_load((DEPLOY / "k8s" / "kustomization.yaml").read_text())
     listed = set(kustomization["resources"])
     assert listed == {p.name for p in (DEPLOY / "k8s").glob("*.yaml")} - {"kustomization.yaml"}
+
+
+def test_compose_broker_user_file_is_valid_definitions(tmp_path: Path) -> None:
+    """The compose broker writes its user as a definitions file at start-up (a node importing
+    definitions on boot creates no default user): run that script and parse what it writes."""
+    compose = yaml.safe_load((DEPLOY / "compose.yaml").read_text())
+    rabbit = compose["services"]["rabbitmq"]
+    assert rabbit["entrypoint"][:2] == ["/bin/sh", "-c"]
+    script = rabbit["entrypoint"][2].replace("$$", "$")  # compose's escape for a literal $
+    target = "/etc/rabbitmq/definitions.d/00-user.json"
+    assert f"user_file={target}" in script
+    assert script.rstrip().endswith("exec docker-entrypoint.sh rabbitmq-server")
+    out = tmp_path / "00-user.json"
+    runnable = (
+        script.replace(f"user_file={target}", f"user_file={out}")
+        .replace("chown rabbitmq:rabbitmq", "true")
+        .replace("exec docker-entrypoint.sh rabbitmq-server", "")
+    )
+    password = "pw-" + secrets.token_urlsafe(12)
+    result = subprocess.run(
+        ["/bin/sh", "-c", runnable],
+        env={"RABBITMQ_USER": "gw", "RABBITMQ_PASSWORD": password, "PATH": os.defpath},
+        capture_output=True,
+        text=True,
+        timeout=10,
+    )
+    assert result.returncode == 0, result.stderr
+    assert out.stat().st_mode & 0o777 == 0o400
+    written = json.loads(out.read_text())
+    assert written["users"] == [{"name": "gw", "password": password, "tags": ["administrator"]}]
+    assert written["vhosts"] == [{"name": "/"}]
+    assert written["permissions"] == [
+        {"user": "gw", "vhost": "/", "configure": ".*", "write": ".*", "read": ".*"}
+    ]
+    # The topology file mounted next to it declares the same vhost.
+    assert json.loads(DEFINITIONS.read_text())["vhosts"] == [{"name": "/"}]
