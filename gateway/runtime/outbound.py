@@ -131,7 +131,7 @@ class CommandWorker:
 
     def _wait(self, state: RetryCallState) -> float:
         backoff = wait_exponential_jitter(
-            initial=self._settings.initial_backoff, max=self._settings.max_backoff
+            multiplier=self._settings.initial_backoff, max=self._settings.max_backoff
         )(state)
         exc = state.outcome.exception() if state.outcome else None
         hint = exc.retry_after if isinstance(exc, TransientError) and exc.retry_after else 0.0

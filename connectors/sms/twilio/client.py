@@ -23,13 +23,13 @@ class TwilioClient:
     ) -> None:
         self._session = session
         self._url = f"{api_base.rstrip('/')}/2010-04-01/Accounts/{account_sid}/Messages.json"
-        self._auth = aiohttp.BasicAuth(account_sid, auth_token)
+        self._headers = {"Authorization": aiohttp.encode_basic_auth(account_sid, auth_token)}
 
     async def create_message(self, form: list[tuple[str, str]]) -> dict[str, object]:
         """POST a message; returns Twilio's message resource (``sid``, ``status`` ...)."""
         try:
             response = await request(
-                self._session, "POST", self._url, provider="twilio", data=form, auth=self._auth
+                self._session, "POST", self._url, provider="twilio", data=form, headers=self._headers
             )
         except ProviderRejectedError as exc:
             # Twilio's error body: {"code": 21211, "message": "...", "status": 400}
