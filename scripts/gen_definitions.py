@@ -15,7 +15,8 @@ topology change or a new connector without regenerated definitions fails CI.
 
 The file holds no users or permissions: credentials do not belong in the
 repository. Note that a blank node importing definitions at boot does not
-create the default ``guest`` user; see deploy/rabbitmq/README.md.
+create the default ``guest`` user: see docs/topology.md ("Provisioning
+the broker") and deploy/compose.yaml.
 """
 
 from __future__ import annotations
