@@ -5,6 +5,9 @@ channel-gateway up                 host every enabled connector in one process
 channel-gateway demo               real traffic end to end (see gateway/demo.py)
 channel-gateway tail 'message.#'   print events live
 channel-gateway connectors         list installed connectors and their manifests
+channel-gateway run gateway        the gRPC gateway (ledger, status ingestor, fallback engine)
+channel-gateway send +4477... -m hi   send through the gateway's gRPC API
+channel-gateway trace <message-id>    a message's status timeline with trace ids
 """
 
 from __future__ import annotations
@@ -76,6 +79,115 @@ def _describe(spec: ConnectorSpec) -> dict[str, object]:
     }
 
 
+def _gateway_address(args: argparse.Namespace) -> str:
+    if args.gateway:
+        return str(args.gateway)
+    from gateway.server.settings import gateway_settings
+
+    section = gateway_settings(load_config(args.config))
+    return f"{section.host}:{section.port}"
+
+
+def _run_gateway(args: argparse.Namespace, selectors: Sequence[str]) -> int:
+    """``run gateway [channel ...]`` and ``up``: the gateway, with connectors in-process."""
+    from gateway.server.runner import run_gateway
+
+    settings = load_config(args.config)
+    configure_logging(settings.telemetry.log_level, settings.telemetry.log_format)
+    if getattr(args, "workers", 1) != 1:
+        raise ConfigError("the gateway runs in one process: run more replicas instead of --workers")
+    others = [s for s in selectors if s != "gateway"]
+    names = enabled_connectors(settings, others) if others or args.command == "up" else []
+    asyncio.run(run_gateway(settings, names))
+    return 0
+
+
+def _send(args: argparse.Namespace) -> int:
+    from gateway.server import client
+
+    metadata = {}
+    for item in args.meta:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"--meta takes key=value, got {item!r}")
+        metadata[key] = value
+    request = client.build_send_request(
+        to=args.to,
+        channel=args.channel,
+        provider=args.provider,
+        account=args.account,
+        text=args.text,
+        media=args.media,
+        idempotency_key=args.idempotency_key,
+        correlation_id=args.correlation_id,
+        conversation_id=args.conversation_id,
+        metadata=metadata,
+    )
+    try:
+        reply = asyncio.run(client.send(_gateway_address(args), request, timeout=args.timeout))
+    except client.ClientError as exc:
+        print(f"channel-gateway send: {exc}", file=sys.stderr)
+        return 1
+    if args.json:
+        print(json.dumps(MessageToDict(reply, preserving_proto_field_name=True), indent=2))
+    else:
+        verb = "accepted" if reply.created else "already accepted (same idempotency key)"
+        print(
+            f"{verb}: {reply.message_id} via {reply.channel}.{reply.provider}, "
+            f"state {client.state_name(reply.state)}, trace {reply.trace_id}"
+        )
+    return 0
+
+
+def _trace(args: argparse.Namespace) -> int:
+    import os
+
+    from gateway.server import client
+
+    try:
+        message = asyncio.run(
+            client.get_message(_gateway_address(args), args.message_id, timeout=args.timeout)
+        )
+    except client.ClientError as exc:
+        print(f"channel-gateway trace: {exc}", file=sys.stderr)
+        return 1
+    if args.json:
+        print(client.trace_json(message))
+    else:
+        color = sys.stdout.isatty() and "NO_COLOR" not in os.environ
+        print(client.trace_table(message, color=color))
+    return 0
+
+
+def _add_gateway_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    gateway_help = "gateway host:port (default: gateway.host/port of the config)"
+    send = sub.add_parser("send", help="send a message through the gateway's gRPC API")
+    send.add_argument(
+        "to",
+        nargs="+",
+        help="recipient address, or channel:address; several are fallback identities in order",
+    )
+    send.add_argument("--text", "-m", default="", help="text to send")
+    send.add_argument("--media", action="append", default=[], help="media URL (repeatable)")
+    send.add_argument("--channel", default="sms", help="channel of bare addresses (default sms)")
+    send.add_argument("--provider", default="", help="provider (default: the channel's)")
+    send.add_argument("--account", default="", help="our account on the provider")
+    send.add_argument(
+        "--idempotency-key", default="", help="same key never sends twice (default: random)"
+    )
+    send.add_argument("--correlation-id", default="")
+    send.add_argument("--conversation-id", default="")
+    send.add_argument("--meta", action="append", default=[], help="metadata key=value")
+    send.add_argument("--gateway", default=None, help=gateway_help)
+    send.add_argument("--timeout", type=float, default=10.0, help="RPC deadline in seconds")
+    send.add_argument("--json", action="store_true", help="print the reply as JSON")
+    trace = sub.add_parser("trace", help="a message's status timeline with trace ids")
+    trace.add_argument("message_id")
+    trace.add_argument("--gateway", default=None, help=gateway_help)
+    trace.add_argument("--timeout", type=float, default=10.0, help="RPC deadline in seconds")
+    trace.add_argument("--json", action="store_true", help="JSON instead of a table")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Console-script entry point."""
     parser = argparse.ArgumentParser(prog="channel-gateway", description=__doc__.splitlines()[0])
@@ -104,12 +216,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     tail.add_argument("--count", type=int, default=0, help="stop after this many events")
     tail.add_argument("--json", action="store_true", help="one JSON object per line")
     sub.add_parser("connectors", help="list installed connectors and their manifests")
+    _add_gateway_commands(sub)
     args = parser.parse_args(argv)
     try:
+        if args.command == "run" and "gateway" in args.selectors:
+            return _run_gateway(args, args.selectors)
         if args.command == "run":
             return _run(args, args.selectors)
         if args.command == "up":
-            return _run(args, [])
+            return _run_gateway(args, [])
+        if args.command == "send":
+            return _send(args)
+        if args.command == "trace":
+            return _trace(args)
         if args.command == "demo":
             from gateway.demo import run_demo
 

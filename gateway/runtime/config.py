@@ -97,6 +97,8 @@ class RuntimeSettings(_Model):
     subscriptions: list[SubscriptionSettings] = []
     #: Raw connector sections by name (``sms.twilio``), validated by each spec.
     connectors: dict[str, dict[str, Any]] = {}
+    #: Raw ``gateway:`` section (gRPC server, ledger), validated by gateway.server.settings.
+    gateway: dict[str, Any] = {}
 
     def connector_enabled(self, name: str) -> bool:
         """True when the config has a section for ``name`` not marked ``enabled: false``."""

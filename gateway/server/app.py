@@ -1,0 +1,248 @@
+"""The gateway process: gRPC server, delivery ledger, status ingestor, fallback engine.
+
+Lifecycle: ``start`` connects the bus (unless given a connected one), declares
+the topology (including the command queues of every enabled connector, so a
+send waits durably for a connector that is not running yet), migrates the
+ledger, starts the event tap, the status ingestor and the fallback engine,
+then the gRPC server with health checking and reflection. ``stop`` reverses
+it: health says NOT_SERVING, the server stops taking RPCs and gives those in
+flight ``shutdown_grace`` seconds, then the background workers stop and the
+ledger and bus close.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import signal
+from collections.abc import Callable, Collection
+
+import grpc
+from grpc import aio
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1._async import HealthServicer
+from grpc_reflection.v1alpha import reflection
+
+from gateway.api.v1 import gateway_service_pb2, gateway_service_pb2_grpc
+from gateway.api.v1.envelope_pb2 import Event
+from gateway.contract import registry
+from gateway.ledger import FallbackEngine, StatusIngestor, bus_command_publisher
+from gateway.ledger.store import Ledger, open_ledger
+from gateway.runtime.bus import Bus
+from gateway.runtime.codec import encode_event, event_routing_key
+from gateway.runtime.config import RuntimeSettings
+from gateway.runtime.memory_bus import InMemoryBus
+from gateway.runtime.service import open_bus
+from gateway.runtime.telemetry import ensure_tracing, get_logger
+from gateway.runtime.topology import EVENTS_EXCHANGE, Topology, base_topology, command_queue
+from gateway.server.connectors import (
+    AmqpQueueProbe,
+    ConnectorDirectory,
+    LocalProbe,
+    QueueProbe,
+)
+from gateway.server.events import EventTap
+from gateway.server.service import SERVICE_NAME, GatewayServicer
+from gateway.server.settings import GatewaySettings, gateway_settings
+
+log = get_logger("gateway.server")
+#: How often the health status follows the broker connection.
+HEALTH_INTERVAL = 1.0
+
+
+def enabled_connector_names(settings: RuntimeSettings) -> list[str]:
+    """Installed connectors the config enables (the ones sends may go to)."""
+    return [name for name in registry.available() if settings.connector_enabled(name)]
+
+
+class GatewayServer:
+    """One gateway process (``channel-gateway run gateway``)."""
+
+    def __init__(
+        self,
+        settings: RuntimeSettings,
+        *,
+        gateway: GatewaySettings | None = None,
+        bus: Bus | None = None,
+        ledger: Ledger | None = None,
+        probe: QueueProbe | None = None,
+        hosted: Callable[[], Collection[str]] | None = None,
+    ) -> None:
+        """``bus``, when given, is owned by the caller (connected and closed by it);
+        ``hosted`` names connectors running in this process (``up``)."""
+        self.settings = settings
+        self.gateway = gateway or gateway_settings(settings)
+        self._owns_bus = bus is None
+        self.bus = bus or open_bus(
+            settings.broker.url, connect_timeout=settings.broker.connect_timeout
+        )
+        self._owns_ledger = ledger is None
+        self.ledger = ledger or open_ledger(self.gateway.ledger_url)
+        if probe is None:
+            if settings.broker.url.startswith("amqp") and not isinstance(self.bus, InMemoryBus):
+                probe = AmqpQueueProbe(settings.broker.url)
+            elif hosted is not None:
+                probe = LocalProbe(hosted)
+        self.directory = ConnectorDirectory(
+            enabled_connector_names(settings),
+            probe=probe,
+            default_providers=self.gateway.default_providers,
+        )
+        self._probe = probe
+        self.tap = EventTap(self.bus, self.gateway.replay_buffer)
+        self.health = HealthServicer()
+        self._server: aio.Server | None = None
+        self._ingestor: StatusIngestor | None = None
+        self._engine: FallbackEngine | None = None
+        self._health_task: asyncio.Task[None] | None = None
+        self.port: int | None = None
+
+    @property
+    def address(self) -> str:
+        """``host:port`` the server listens on (after start)."""
+        return f"{self.gateway.host}:{self.port or self.gateway.port}"
+
+    def topology(self) -> Topology:
+        """Base topology plus the command queue of every enabled connector."""
+        topo = base_topology()
+        limit = self.settings.broker.delivery_limit
+        for name in sorted(self.directory.enabled):
+            spec = self.directory.spec(name)
+            topo = topo.merge(Topology(queues=(command_queue(spec.channel, spec.provider, limit),)))
+        return topo
+
+    async def start(self) -> None:
+        """Start everything; raises ConfigError or BrokerUnavailableError on failure."""
+        telemetry = self.settings.telemetry
+        ensure_tracing(
+            "channel-gateway:gateway",
+            otlp_endpoint=telemetry.otlp_endpoint,
+            console=telemetry.console_spans,
+        )
+        if self._owns_bus:
+            await self.bus.connect()
+        await self.bus.declare(self.topology())
+        await self.ledger.migrate()
+        await self.tap.start()
+        if self.gateway.run_ingestor:
+            timeout = self.settings.broker.publish_timeout
+            self._engine = FallbackEngine(
+                self.ledger, bus_command_publisher(self.bus, timeout=timeout), emit=self._emit
+            )
+            self._ingestor = StatusIngestor(
+                self.bus,
+                self.ledger,
+                engine=self._engine,
+                emit=self._emit,
+                delivery_limit=self.settings.broker.delivery_limit,
+            )
+            await self._ingestor.start()
+            await self._engine.start()
+        servicer = GatewayServicer(
+            ledger=self.ledger,
+            bus=self.bus,
+            directory=self.directory,
+            tap=self.tap,
+            publish_timeout=self.settings.broker.publish_timeout,
+        )
+        server = aio.server()
+        gateway_service_pb2_grpc.add_GatewayServiceServicer_to_server(servicer, server)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
+        reflection.enable_server_reflection(
+            (
+                gateway_service_pb2.DESCRIPTOR.services_by_name["GatewayService"].full_name,
+                health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+                reflection.SERVICE_NAME,
+            ),
+            server,
+        )
+        self.port = server.add_insecure_port(f"{self.gateway.host}:{self.gateway.port}")
+        if self.port == 0:
+            raise OSError(f"cannot listen on {self.gateway.host}:{self.gateway.port}")
+        await server.start()
+        self._server = server
+        serving = self.bus.is_ready()
+        await self._set_health(serving)
+        self._health_task = asyncio.create_task(self._follow_health(serving), name="gateway health")
+        log.info("gateway started", address=self.address, connectors=sorted(self.directory.enabled))
+
+    async def _emit(self, event: Event) -> None:
+        """Publish the gateway's own status events (switching channel, late delivery)."""
+        await self.bus.publish(
+            EVENTS_EXCHANGE,
+            event_routing_key(event),
+            encode_event(event),
+            timeout=self.settings.broker.publish_timeout,
+        )
+
+    async def _set_health(self, serving: bool) -> None:
+        status = (
+            health_pb2.HealthCheckResponse.SERVING
+            if serving
+            else health_pb2.HealthCheckResponse.NOT_SERVING
+        )
+        for name in ("", SERVICE_NAME):
+            await self.health.set(name, status)
+
+    async def _follow_health(self, serving: bool) -> None:
+        # Sends need the broker: without it the gateway is not serving.
+        while True:
+            await asyncio.sleep(HEALTH_INTERVAL)
+            now = self.bus.is_ready()
+            if now != serving:
+                serving = now
+                log.warning("health changed", serving=serving)
+                await self._set_health(serving)
+
+    async def stop(self) -> None:
+        """Drain and stop (safe to call twice)."""
+        if self._health_task is not None:
+            self._health_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._health_task
+            self._health_task = None
+        if self._server is not None:
+            await self.health.enter_graceful_shutdown()
+            await self._server.stop(self.gateway.shutdown_grace)
+            self._server = None
+        await self.tap.stop()
+        if self._engine is not None:
+            await self._engine.stop()
+            self._engine = None
+        if self._ingestor is not None:
+            await self._ingestor.stop()
+            self._ingestor = None
+        if self._probe is not None:
+            await self._probe.close()
+        if self._owns_ledger:
+            await self.ledger.close()
+        if self._owns_bus:
+            await self.bus.close()
+        log.info("gateway stopped")
+
+    async def run(self, *, stop_event: asyncio.Event | None = None) -> None:
+        """Start, wait for SIGTERM/SIGINT (or ``stop_event``), stop gracefully."""
+        stop = stop_event or asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        try:
+            await self.start()
+            await stop.wait()
+        finally:
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                loop.remove_signal_handler(sig)
+            await self.stop()
+
+
+async def health_check(address: str, *, timeout: float = 2.0) -> bool:
+    """True when the gateway at ``address`` answers SERVING to a health check."""
+    async with aio.insecure_channel(address) as channel:
+        stub = health_pb2_grpc.HealthStub(channel)
+        try:
+            reply = await stub.Check(
+                health_pb2.HealthCheckRequest(service=SERVICE_NAME), timeout=timeout
+            )
+        except grpc.aio.AioRpcError:
+            return False
+        return bool(reply.status == health_pb2.HealthCheckResponse.SERVING)

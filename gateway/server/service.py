@@ -1,0 +1,368 @@
+"""The GatewayService servicer: send, timeline, listing, connectors, preview, stream.
+
+Every handler raises :class:`~gateway.server.errors.RpcError` for an error
+answer; :func:`_answer` turns it into a status with google.rpc details. A
+handler honours the caller's deadline: the broker publish is bounded by what
+is left of it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Awaitable
+from datetime import UTC, timedelta
+from typing import Any, NoReturn, TypeVar
+
+import grpc
+from grpc import aio
+from opentelemetry.trace import SpanKind, Status, StatusCode
+
+from gateway.api.v1 import gateway_service_pb2_grpc
+from gateway.api.v1.command_pb2 import SendMessageCommand
+from gateway.api.v1.delivery_pb2 import DeliveryState
+from gateway.api.v1.gateway_service_pb2 import Adaptation as AdaptationPb
+from gateway.api.v1.gateway_service_pb2 import ContentViolation as ContentViolationPb
+from gateway.api.v1.gateway_service_pb2 import (
+    GetMessageRequest,
+    GetMessageResponse,
+    ListConnectorsRequest,
+    ListConnectorsResponse,
+    ListMessagesRequest,
+    ListMessagesResponse,
+    PreviewMessageRequest,
+    PreviewMessageResponse,
+    SendMessageRequest,
+    SendMessageResponse,
+    StreamEventsRequest,
+    StreamEventsResponse,
+)
+from gateway.contract.errors import BadRequestError
+from gateway.contract.ids import new_id
+from gateway.contract.status import FINAL_STATES
+from gateway.ledger.models import (
+    IdempotencyConflictError,
+    InvalidPageTokenError,
+    ListFilter,
+    MessageNotFoundError,
+    MessageRecord,
+)
+from gateway.ledger.store import Ledger
+from gateway.runtime.bus import Bus, PublishError
+from gateway.runtime.codec import encode_command
+from gateway.runtime.telemetry import get_logger, tracer
+from gateway.runtime.topology import COMMANDS_EXCHANGE
+from gateway.server.connectors import ConnectorDirectory
+from gateway.server.content import Violation, adapt
+from gateway.server.convert import outbound_message
+from gateway.server.errors import RpcError, invalid
+from gateway.server.events import EventTap, stream_events
+from gateway.server.sending import normalize_address, prepare_send
+
+log = get_logger("gateway.server")
+T = TypeVar("T")
+#: Handlers pass their typed context to helpers that only abort or read the deadline.
+Context = aio.ServicerContext[Any, Any]
+SERVICE_NAME = "gateway.api.v1.GatewayService"
+#: Publishing needs at least this much of the caller's deadline to be worth starting.
+_MIN_PUBLISH_BUDGET = 0.05
+_POLL = 0.05
+
+
+async def _abort(context: Context, error: RpcError) -> NoReturn:
+    status = error.to_status()
+    await context.abort(status.code, status.details, status.trailing_metadata)
+    raise AssertionError("unreachable: abort raises")  # pragma: no cover
+
+
+async def _answer(context: Context, work: Awaitable[T]) -> T:
+    try:
+        return await work
+    except RpcError as exc:
+        await _abort(context, exc)
+
+
+def _budget(context: Context, limit: float) -> float:
+    """Seconds an operation may take: ``limit``, cut to what is left of the deadline."""
+    remaining = context.time_remaining()
+    if remaining is None:
+        return limit
+    if remaining < _MIN_PUBLISH_BUDGET:
+        raise RpcError(grpc.StatusCode.DEADLINE_EXCEEDED, "too little of the deadline is left")
+    return min(limit, remaining - _MIN_PUBLISH_BUDGET / 2)
+
+
+class GatewayServicer(gateway_service_pb2_grpc.GatewayServiceServicer):
+    """``gateway.api.v1.GatewayService`` on a ledger, a bus and the connector registry."""
+
+    def __init__(
+        self,
+        *,
+        ledger: Ledger,
+        bus: Bus,
+        directory: ConnectorDirectory,
+        tap: EventTap,
+        publish_timeout: float,
+    ) -> None:
+        self._ledger, self._bus, self._directory, self._tap = ledger, bus, directory, tap
+        self._publish_timeout = publish_timeout
+
+    # -- SendMessage -----------------------------------------------------------
+
+    async def SendMessage(
+        self,
+        request: SendMessageRequest,
+        context: aio.ServicerContext[SendMessageRequest, SendMessageResponse],
+    ) -> SendMessageResponse:
+        return await _answer(context, self._send(request, context))
+
+    async def _send(self, request: SendMessageRequest, context: Context) -> SendMessageResponse:
+        with tracer().start_as_current_span(
+            f"{SERVICE_NAME}/SendMessage",
+            kind=SpanKind.SERVER,
+            attributes={
+                "rpc.system": "grpc",
+                "rpc.service": SERVICE_NAME,
+                "rpc.method": "SendMessage",
+            },
+        ) as span:
+            try:
+                prepared = prepare_send(
+                    request, self._directory, message_id=new_id(), now=self._ledger.now()
+                )
+                trace_id = format(span.get_span_context().trace_id, "032x")
+                try:
+                    record, created = await self._ledger.accept(
+                        prepared.new_message(request, trace_id=trace_id)
+                    )
+                except IdempotencyConflictError as exc:
+                    raise RpcError(
+                        grpc.StatusCode.ALREADY_EXISTS,
+                        f"idempotency_key {request.idempotency_key!r} was used for a different "
+                        "request: use a new key for new content",
+                        reason="IDEMPOTENCY_KEY_REUSED",
+                    ) from exc
+                span.set_attribute("messaging.message.id", record.message_id)
+                span.set_attribute("gateway.connector", f"{record.channel}.{record.provider}")
+                span.set_attribute("gateway.idempotent_replay", not created)
+                if created:
+                    await self._dispatch(record.message_id, 1, prepared.command, context)
+                elif not record.dispatched and record.state not in FINAL_STATES:
+                    record = await self._redispatch(record, context)
+            except RpcError as exc:
+                span.set_status(Status(StatusCode.ERROR, exc.message))
+                span.set_attribute("rpc.grpc.status_code", exc.code.value[0])
+                raise
+            log.info(
+                "message accepted" if created else "idempotent replay",
+                message_id=record.message_id,
+                connector=f"{record.channel}.{record.provider}",
+            )
+            return SendMessageResponse(
+                message_id=record.message_id,
+                state=DeliveryState.ValueType(record.state),
+                created=created,
+                channel=record.channel,
+                provider=record.provider,
+                trace_id=record.trace_id,
+            )
+
+    async def _dispatch(
+        self,
+        message_id: str,
+        attempt: int,
+        command: SendMessageCommand,
+        context: Context,
+    ) -> None:
+        """Publish the command with confirms, then note it in the ledger."""
+        timeout = _budget(context, self._publish_timeout)
+        routing_key = f"send.{command.channel}.{command.provider}"
+        with tracer().start_as_current_span(
+            f"publish {COMMANDS_EXCHANGE}",
+            kind=SpanKind.PRODUCER,
+            attributes={
+                "messaging.system": "rabbitmq",
+                "messaging.operation.type": "send",
+                "messaging.destination.name": COMMANDS_EXCHANGE,
+                "messaging.rabbitmq.destination.routing_key": routing_key,
+                "messaging.message.id": message_id,
+            },
+        ):
+            # Encoded inside the producer span: its context is the command's traceparent.
+            routing_key, outgoing = encode_command(command)
+            try:
+                await self._bus.publish(COMMANDS_EXCHANGE, routing_key, outgoing, timeout=timeout)
+            except PublishError as exc:
+                raise RpcError(
+                    grpc.StatusCode.UNAVAILABLE,
+                    f"the broker did not confirm the send command ({exc}); the message is "
+                    "recorded: retry with the same idempotency_key to send it",
+                    reason="PUBLISH_FAILED",
+                ) from exc
+        await self._ledger.mark_dispatched(message_id, attempt)
+
+    async def _redispatch(self, record: MessageRecord, context: Context) -> MessageRecord:
+        """A repeated key whose command was never confirmed: publish it now.
+
+        The first request (maybe on another replica) may still be publishing:
+        wait until its publish timeout has surely passed before publishing
+        ourselves, so a slow confirm does not become a second command.
+        """
+        settle_at = record.created_at + timedelta(seconds=self._publish_timeout + 1.0)
+        while not record.dispatched:
+            wait = (settle_at - self._ledger.now().astimezone(UTC)).total_seconds()
+            if wait <= 0:
+                break
+            remaining = context.time_remaining()
+            if remaining is not None and remaining < wait + _MIN_PUBLISH_BUDGET:
+                raise RpcError(
+                    grpc.StatusCode.UNAVAILABLE,
+                    "the first request with this idempotency_key is still being published; "
+                    "retry shortly with the same key",
+                    reason="SEND_IN_PROGRESS",
+                )
+            await asyncio.sleep(min(_POLL, wait))
+            record = await self._ledger.get(record.message_id)
+        if record.dispatched or record.state in FINAL_STATES:
+            return record
+        command = await self._ledger.command_for(record.message_id, record.attempt)
+        log.warning(
+            "re-publishing a command that was never confirmed",
+            message_id=record.message_id,
+            attempt=record.attempt,
+        )
+        await self._dispatch(record.message_id, record.attempt, command, context)
+        return await self._ledger.get(record.message_id)
+
+    # -- reads -----------------------------------------------------------------
+
+    async def GetMessage(
+        self,
+        request: GetMessageRequest,
+        context: aio.ServicerContext[GetMessageRequest, GetMessageResponse],
+    ) -> GetMessageResponse:
+        return await _answer(context, self._get(request))
+
+    async def _get(self, request: GetMessageRequest) -> GetMessageResponse:
+        if not request.message_id:
+            raise invalid([Violation("message_id", "required")])
+        try:
+            record = await self._ledger.get(request.message_id)
+        except MessageNotFoundError as exc:
+            raise RpcError(grpc.StatusCode.NOT_FOUND, f"no message {request.message_id!r}") from exc
+        return GetMessageResponse(message=outbound_message(record, with_timeline=True))
+
+    async def ListMessages(
+        self,
+        request: ListMessagesRequest,
+        context: aio.ServicerContext[ListMessagesRequest, ListMessagesResponse],
+    ) -> ListMessagesResponse:
+        return await _answer(context, self._list(request))
+
+    async def _list(self, request: ListMessagesRequest) -> ListMessagesResponse:
+        if request.page_size < 0:
+            raise invalid([Violation("page_size", "must not be negative")])
+        since = (
+            request.created_after.ToDatetime(tzinfo=UTC)
+            if request.HasField("created_after")
+            else None
+        )
+        until = (
+            request.created_before.ToDatetime(tzinfo=UTC)
+            if request.HasField("created_before")
+            else None
+        )
+        if since is not None and until is not None and since >= until:
+            raise invalid([Violation("created_before", "must be after created_after")])
+        flt = ListFilter(
+            conversation_id=request.conversation_id,
+            correlation_id=request.correlation_id,
+            since=since,
+            until=until,
+        )
+        try:
+            page = await self._ledger.list(flt, request.page_size, request.page_token)
+        except InvalidPageTokenError as exc:
+            raise invalid(
+                [
+                    Violation(
+                        "page_token",
+                        "not a token of this listing: pass next_page_token of the previous "
+                        "page with the same filter",
+                    )
+                ]
+            ) from exc
+        return ListMessagesResponse(
+            messages=[outbound_message(r, with_timeline=False) for r in page.messages],
+            next_page_token=page.next_page_token,
+        )
+
+    async def ListConnectors(
+        self,
+        request: ListConnectorsRequest,
+        context: aio.ServicerContext[ListConnectorsRequest, ListConnectorsResponse],
+    ) -> ListConnectorsResponse:
+        return await _answer(context, self._connectors(request))
+
+    async def _connectors(self, request: ListConnectorsRequest) -> ListConnectorsResponse:
+        return ListConnectorsResponse(connectors=await self._directory.describe(request.channel))
+
+    # -- PreviewMessage ----------------------------------------------------------
+
+    async def PreviewMessage(
+        self,
+        request: PreviewMessageRequest,
+        context: aio.ServicerContext[PreviewMessageRequest, PreviewMessageResponse],
+    ) -> PreviewMessageResponse:
+        return await _answer(context, self._preview(request))
+
+    async def _preview(self, request: PreviewMessageRequest) -> PreviewMessageResponse:
+        target = request.target
+        if not target.channel:
+            raise invalid([Violation("target.channel", "required, e.g. 'sms'")])
+        spec = self._directory.resolve(target.channel, target.provider, field="target")
+        adapted = adapt(request.message, spec.manifest)
+        violations = list(adapted.violations)
+        if target.address:
+            try:
+                normalize_address(target.channel, target.address)
+            except BadRequestError as exc:
+                violations.insert(0, Violation("target.address", str(exc)))
+        if request.message.recipients:
+            violations.insert(
+                0, Violation("message.recipients", "must be empty: the target says whom to send to")
+            )
+        response = PreviewMessageResponse(
+            channel=spec.channel,
+            provider=spec.provider,
+            message=adapted.message,
+            adaptations=[
+                AdaptationPb(kind=a.kind, field=a.field, description=a.description)
+                for a in adapted.adaptations
+            ],
+            violations=[
+                ContentViolationPb(field=v.field, description=v.description) for v in violations
+            ],
+        )
+        if adapted.sms is not None:
+            response.sms_segments = adapted.sms.segments
+            response.sms_encoding = adapted.sms.encoding
+            response.sms_units = adapted.sms.units
+        return response
+
+    # -- StreamEvents ------------------------------------------------------------
+
+    async def StreamEvents(
+        self,
+        request: StreamEventsRequest,
+        context: aio.ServicerContext[StreamEventsRequest, StreamEventsResponse],
+    ) -> AsyncIterator[StreamEventsResponse]:
+        try:
+            async for item in stream_events(self._bus, self._tap, request.bindings, request.cursor):
+                yield StreamEventsResponse(
+                    event=item.event, routing_key=item.routing_key, cursor=item.cursor
+                )
+        except RpcError as exc:
+            await _abort(context, exc)
+
+
+__all__ = ["SERVICE_NAME", "GatewayServicer"]

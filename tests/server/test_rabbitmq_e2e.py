@@ -1,0 +1,119 @@
+"""End to end on the real RabbitMQ (a private vhost): SendMessage -> command -> Twilio
+connector -> fake Twilio -> signed status callbacks -> ledger -> GetMessage timeline."""
+
+from __future__ import annotations
+
+import secrets
+from pathlib import Path
+
+from grpc import aio
+from opentelemetry import trace
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+from gateway.api.v1.delivery_pb2 import DeliveryState
+from gateway.api.v1.gateway_service_pb2 import (
+    ConnectorHealth,
+    ListConnectorsRequest,
+    TimelineEntryKind,
+)
+from gateway.api.v1.gateway_service_pb2_grpc import GatewayServiceStub
+from gateway.runtime.config import RuntimeSettings
+from gateway.runtime.service import Service
+from gateway.server.app import GatewayServer
+from gateway.testing.fake_twilio import FakeTwilio
+from tests.server.conftest import ACCOUNT_SID
+from tests.server.test_send import text_request, wait_for_state
+
+S = DeliveryState
+
+
+def _settings(tmp_path: Path, broker: str, fake_url: str) -> RuntimeSettings:
+    return RuntimeSettings.model_validate(
+        {
+            "http": {"host": "127.0.0.1", "port": 0},
+            "broker": {"url": broker, "publish_timeout": 5.0},
+            "connectors": {
+                "sms.twilio": {
+                    "api_base_url": fake_url,
+                    "accounts": {
+                        "main": {
+                            "account_sid": ACCOUNT_SID,
+                            "auth_token": {"env": "E2E_TWILIO_TOKEN"},
+                            "numbers": ["+14155550100"],
+                        }
+                    },
+                }
+            },
+            "gateway": {
+                "host": "127.0.0.1",
+                "port": 0,
+                "ledger_url": f"sqlite+aiosqlite:///{tmp_path / 'ledger.db'}",
+                "shutdown_grace": 2.0,
+            },
+        }
+    )
+
+
+async def test_send_to_delivered_over_rabbitmq(tmp_path: Path, vhost_url: str) -> None:
+    token = secrets.token_hex(16)
+    provider = trace.get_tracer_provider()
+    exporter = InMemorySpanExporter()
+    async with FakeTwilio(
+        auth_token=token, callback_statuses=("sent", "delivered"), callback_delay=0.05
+    ) as fake:
+        config = _settings(tmp_path, vhost_url, fake.url)
+        service = Service(config, ["sms.twilio"], environ={"E2E_TWILIO_TOKEN": token})
+        gateway = GatewayServer(config)
+        await service.start()
+        try:
+            await gateway.start()
+            provider = trace.get_tracer_provider()
+            assert isinstance(provider, TracerProvider)
+            provider.add_span_processor(SimpleSpanProcessor(exporter))
+            async with aio.insecure_channel(gateway.address) as channel:
+                stub = GatewayServiceStub(channel)
+                connectors = await stub.ListConnectors(ListConnectorsRequest(), timeout=5)
+                twilio = next(c for c in connectors.connectors if c.name == "sms.twilio")
+                assert twilio.health == ConnectorHealth.CONNECTOR_HEALTH_SERVING
+                assert twilio.consumers == 1
+
+                reply = await stub.SendMessage(text_request("e2e-1"), timeout=10)
+                got = await wait_for_state(
+                    stub, reply.message_id, S.DELIVERY_STATE_DELIVERED, timeout=8
+                )
+                again = await stub.SendMessage(text_request("e2e-1"), timeout=10)
+        finally:
+            await gateway.stop()
+            await service.stop()
+        assert again.message_id == reply.message_id
+        assert len(fake.calls) == 1  # one provider call, despite the repeated request
+        call = fake.calls[0]
+        assert call.form["To"] == "+447700900123"
+        assert call.form["Body"] == "Your order ships today."
+
+    transitions = [
+        e for e in got.timeline if e.kind == TimelineEntryKind.TIMELINE_ENTRY_KIND_TRANSITION
+    ]
+    assert [e.state for e in transitions] == [
+        S.DELIVERY_STATE_ACCEPTED,
+        S.DELIVERY_STATE_QUEUED,
+        S.DELIVERY_STATE_SENT,
+        S.DELIVERY_STATE_DELIVERED,
+    ]
+    assert got.provider_message_id.startswith("SM")
+    assert [e.provider_status for e in transitions[1:]] == ["queued", "sent", "delivered"]
+    # One trace from SendMessage through the command to the connector's provider call
+    # and its QUEUED status.
+    assert transitions[1].trace_id == reply.trace_id
+    names = {
+        s.name
+        for s in exporter.get_finished_spans()
+        if format(s.context.trace_id, "032x") == reply.trace_id
+    }
+    assert {
+        "gateway.api.v1.GatewayService/SendMessage",
+        "publish channels.commands",
+        "send sms.twilio",
+    } <= names
