@@ -25,8 +25,9 @@ from grpc_reflection.v1alpha import reflection
 
 from gateway.api.v1 import gateway_service_pb2, gateway_service_pb2_grpc
 from gateway.api.v1.envelope_pb2 import Event
-from gateway.contract import registry
+from gateway.contract import ConfigError, registry
 from gateway.ledger import FallbackEngine, StatusIngestor, bus_command_publisher
+from gateway.ledger.fallback import LATE_DELIVERY_ATTRIBUTE
 from gateway.ledger.store import Ledger, open_ledger
 from gateway.runtime.bus import Bus
 from gateway.runtime.codec import encode_event, event_routing_key
@@ -77,7 +78,14 @@ class GatewayServer:
             settings.broker.url, connect_timeout=settings.broker.connect_timeout
         )
         self._owns_ledger = ledger is None
-        self.ledger = ledger or open_ledger(self.gateway.ledger_url)
+        if ledger is None:
+            try:
+                ledger = open_ledger(
+                    self.gateway.ledger_url, schema_name=self.gateway.ledger_schema
+                )
+            except ValueError as exc:
+                raise ConfigError(f"gateway.ledger_url: {exc}") from exc
+        self.ledger = ledger
         if probe is None:
             if settings.broker.url.startswith("amqp") and not isinstance(self.bus, InMemoryBus):
                 probe = AmqpQueueProbe(settings.broker.url)
@@ -133,7 +141,7 @@ class GatewayServer:
                 self.bus,
                 self.ledger,
                 engine=self._engine,
-                emit=self._emit,
+                emit=self._emit_late_delivery,
                 delivery_limit=self.settings.broker.delivery_limit,
             )
             await self._ingestor.start()
@@ -174,6 +182,13 @@ class GatewayServer:
             encode_event(event),
             timeout=self.settings.broker.publish_timeout,
         )
+
+    async def _emit_late_delivery(self, event: Event) -> None:
+        """The ingestor's notices: only late deliveries are news. A transition it
+        applied came from a connector's status event, which consumers already got;
+        echoing it would hand them the same status twice under another event id."""
+        if event.attributes.get(LATE_DELIVERY_ATTRIBUTE) == "true":
+            await self._emit(event)
 
     async def _set_health(self, serving: bool) -> None:
         status = (

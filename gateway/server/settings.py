@@ -25,6 +25,8 @@ class GatewaySettings(BaseModel):
     port: int = Field(default=DEFAULT_PORT, ge=0, le=65535)
     #: Delivery ledger: a SQLite file by default, ``postgresql+asyncpg://...`` in production.
     ledger_url: str = "sqlite+aiosqlite:///channel-gateway-ledger.db"
+    #: PostgreSQL schema of the ledger's tables (it must exist); default: the search path.
+    ledger_schema: str | None = None
     #: Events kept for StreamEvents to resume from a cursor (0 switches resuming off).
     replay_buffer: int = Field(default=10_000, ge=0)
     #: How long in-flight RPCs may take to finish on shutdown.

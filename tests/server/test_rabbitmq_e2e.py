@@ -3,6 +3,7 @@ connector -> fake Twilio -> signed status callbacks -> ledger -> GetMessage time
 
 from __future__ import annotations
 
+import asyncio
 import secrets
 from pathlib import Path
 
@@ -16,6 +17,7 @@ from gateway.api.v1.delivery_pb2 import DeliveryState
 from gateway.api.v1.gateway_service_pb2 import (
     ConnectorHealth,
     ListConnectorsRequest,
+    StreamEventsRequest,
     TimelineEntryKind,
 )
 from gateway.api.v1.gateway_service_pb2_grpc import GatewayServiceStub
@@ -79,11 +81,21 @@ async def test_send_to_delivered_over_rabbitmq(tmp_path: Path, vhost_url: str) -
                 assert twilio.health == ConnectorHealth.CONNECTOR_HEALTH_SERVING
                 assert twilio.consumers == 1
 
+                stream = stub.StreamEvents(
+                    StreamEventsRequest(bindings=["message.status.sms.*"]), timeout=15
+                )
+                await asyncio.sleep(0.3)  # the stream binds its queue
                 reply = await stub.SendMessage(text_request("e2e-1"), timeout=10)
                 got = await wait_for_state(
                     stub, reply.message_id, S.DELIVERY_STATE_DELIVERED, timeout=8
                 )
                 again = await stub.SendMessage(text_request("e2e-1"), timeout=10)
+                streamed = []
+                while len(streamed) < 3:
+                    item = await asyncio.wait_for(stream.read(), 5)
+                    if item.event.status.message_id == reply.message_id:
+                        streamed.append(item)
+                stream.cancel()
         finally:
             await gateway.stop()
             await service.stop()
@@ -103,6 +115,14 @@ async def test_send_to_delivered_over_rabbitmq(tmp_path: Path, vhost_url: str) -
         S.DELIVERY_STATE_DELIVERED,
     ]
     assert got.provider_message_id.startswith("SM")
+    # The same statuses reached a gRPC subscriber through its own queue on the broker.
+    assert {i.event.status.state for i in streamed} == {
+        S.DELIVERY_STATE_QUEUED,
+        S.DELIVERY_STATE_SENT,
+        S.DELIVERY_STATE_DELIVERED,
+    }
+    assert all(i.routing_key == "message.status.sms.twilio" for i in streamed)
+    assert all(i.cursor == i.event.id for i in streamed)
     assert [e.provider_status for e in transitions[1:]] == ["queued", "sent", "delivered"]
     # One trace from SendMessage through the command to the connector's provider call
     # and its QUEUED status.

@@ -18,6 +18,7 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 from gateway.api.v1.command_pb2 import SendMessageCommand
 from gateway.api.v1.content_pb2 import Attachment, Choice, ChoiceOption, Media, Text
 from gateway.api.v1.delivery_pb2 import DeliveryState, DeliveryStatus
+from gateway.api.v1.envelope_pb2 import Event
 from gateway.api.v1.gateway_service_pb2 import (
     ChannelIdentities,
     ChannelIdentity,
@@ -280,6 +281,40 @@ async def test_identities_become_a_fallback_plan(tmp_path: Path) -> None:
         assert got.provider == "twilio"
         # Only the first step is sent now; the fallback engine owns the rest.
         assert [k for k, _ in commands(bus)] == ["send.sms.twilio"]
+
+        # Twilio rejects it: the gateway switches to Vonage and says so on the bus.
+        first = decode(commands(bus)[0][1])
+        rejected = status_event(
+            first,
+            account="main",
+            status=DeliveryStatus(
+                state=S.DELIVERY_STATE_FAILED, reason_code="21211", permanent=True
+            ),
+        )
+        await bus.publish(
+            EVENTS_EXCHANGE, event_routing_key(rejected), encode_event(rejected), timeout=2
+        )
+        for _ in range(100):
+            if len(commands(bus)) == 2:
+                break
+            await asyncio.sleep(0.05)
+        routing_key, message = commands(bus)[1]
+        assert routing_key == "send.sms.vonage"
+        second = decode(message)
+        assert (second.message_id, second.attempt) == (reply.message_id, 2)
+        assert [r.address for r in second.message.recipients] == ["+447700900999"]
+        got = (await stub.GetMessage(GetMessageRequest(message_id=reply.message_id))).message
+        assert S.DELIVERY_STATE_SWITCHING_CHANNEL in [e.state for e in got.timeline]
+        assert (got.provider, got.attempt, got.recipient) == ("vonage", 2, "+447700900999")
+        notices = []
+        for exchange, _, m in bus.published:
+            if exchange == EVENTS_EXCHANGE:
+                event = Event()
+                event.ParseFromString(m.body)
+                if event.attributes.get("gateway.origin") == "ledger":
+                    notices.append(event.status.state)
+        # The gateway's own SWITCHING_CHANNEL notice reached the bus.
+        assert S.DELIVERY_STATE_SWITCHING_CHANNEL in notices
     finally:
         await channel.close()
         await server.stop()
@@ -435,3 +470,41 @@ async def wait_for_state(
         if asyncio.get_running_loop().time() > deadline:
             raise AssertionError(f"state is {DeliveryState.Name(got.state)}: {got}")
         await asyncio.sleep(0.05)
+
+
+class DelayedBus(InMemoryBus):
+    """Commands are confirmed after a delay (a slow broker), so an RPC is in flight."""
+
+    def __init__(self, delay: float) -> None:
+        super().__init__()
+        self.delay = delay
+        self.publishing = asyncio.Event()
+
+    async def publish(
+        self, exchange: str, routing_key: str, message: OutgoingMessage, *, timeout: float
+    ) -> None:
+        if exchange == COMMANDS_EXCHANGE:
+            self.publishing.set()
+            await asyncio.sleep(self.delay)
+        await super().publish(exchange, routing_key, message, timeout=timeout)
+
+
+async def test_graceful_shutdown_finishes_rpcs_in_flight(tmp_path: Path) -> None:
+    bus = DelayedBus(0.5)
+    await bus.connect()
+    server, channel = await start_gateway(settings(tmp_path), bus=bus)
+    stub = GatewayServiceStub(channel)
+    try:
+        in_flight = asyncio.ensure_future(stub.SendMessage(text_request(), timeout=5))
+        await asyncio.wait_for(bus.publishing.wait(), 5)
+        await server.stop()  # waits up to shutdown_grace for the send
+        reply = await in_flight
+        assert reply.created
+        assert len(commands(bus)) == 1
+        with pytest.raises(aio.AioRpcError) as err:
+            await stub.SendMessage(text_request("after"), timeout=2)
+        assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+    finally:
+        await channel.close()
+        await server.stop()
+        await bus.close()
