@@ -1,12 +1,17 @@
 """The status ingestor: ``message.status.#`` from the bus into the ledger.
 
-Each status event is applied in one ledger transaction; the handler returns
-(and the bus acks) only after that commit, so a crash redelivers it and the
-event id makes the redelivery a no-op. A malformed event is rejected to the
-dead-letter exchange; a database error requeues it.
+Statuses are applied with group commit: the deliveries in flight (up to the
+prefetch) are applied together in one ledger transaction, and each handler
+returns (so the bus acks) only after that commit; a crash redelivers what was
+not committed and the event id makes a redelivery a no-op. A malformed event
+is rejected to the dead-letter exchange; a database error requeues it. When a
+batch fails, its statuses are retried one by one, so one bad status cannot
+hold back the others.
 """
 
 from __future__ import annotations
+
+import asyncio
 
 from gateway.api.v1.envelope_pb2 import Event
 from gateway.contract.errors import BadRequestError
@@ -70,6 +75,55 @@ def status_update_from_event(event: Event) -> StatusUpdate:
         raise BadRequestError(f"unusable status event {event.id}: {exc}") from exc
 
 
+class GroupCommit:
+    """Applies concurrently submitted statuses in shared ledger transactions."""
+
+    def __init__(self, ledger: Ledger, *, max_batch: int = 256) -> None:
+        if max_batch <= 0:
+            raise ValueError("max_batch must be positive")
+        self._ledger, self._max = ledger, max_batch
+        self._waiting: list[tuple[StatusUpdate, asyncio.Future[Applied]]] = []
+        self._flusher: asyncio.Task[None] | None = None
+
+    async def submit(self, update: StatusUpdate) -> Applied:
+        """Apply ``update``; returns once the transaction that holds it committed."""
+        future: asyncio.Future[Applied] = asyncio.get_running_loop().create_future()
+        self._waiting.append((update, future))
+        if self._flusher is None or self._flusher.done():
+            self._flusher = asyncio.create_task(self._flush(), name="ledger group commit")
+        return await future
+
+    async def _flush(self) -> None:
+        # Yield once so handlers started in the same loop iteration join the batch.
+        await asyncio.sleep(0)
+        while self._waiting:
+            batch, self._waiting = self._waiting[: self._max], self._waiting[self._max :]
+            try:
+                results = await self._ledger.record_statuses([u for u, _ in batch])
+            except Exception as exc:  # noqa: BLE001 - handed to each waiting handler below
+                if len(batch) == 1:
+                    _settle(batch[0][1], exc)
+                    continue
+                log.warning("status batch failed; applying one by one", error=str(exc))
+                for update, future in batch:
+                    try:
+                        _settle(future, await self._ledger.record_status(update))
+                    except Exception as one:  # noqa: BLE001 - the handler re-raises it
+                        _settle(future, one)
+            else:
+                for (_, future), applied in zip(batch, results, strict=True):
+                    _settle(future, applied)
+
+
+def _settle(future: asyncio.Future[Applied], outcome: Applied | BaseException) -> None:
+    if future.done():  # the handler was cancelled
+        return
+    if isinstance(outcome, BaseException):
+        future.set_exception(outcome)
+    else:
+        future.set_result(outcome)
+
+
 class StatusIngestor:
     """Consumes ``message.status.#`` into the ledger.
 
@@ -85,12 +139,13 @@ class StatusIngestor:
         engine: FallbackEngine | None = None,
         emit: EventEmitter | None = None,
         queue: str = DEFAULT_QUEUE,
-        prefetch: int = 32,
+        prefetch: int = 256,
         delivery_limit: int = DEFAULT_DELIVERY_LIMIT,
     ) -> None:
         self._bus, self._ledger, self._engine, self._emit = bus, ledger, engine, emit
         self._queue, self._prefetch, self._limit = queue, prefetch, delivery_limit
         self._subscription: Subscription | None = None
+        self._group = GroupCommit(ledger, max_batch=max(1, prefetch))
 
     @property
     def queue(self) -> str:
@@ -125,14 +180,8 @@ class StatusIngestor:
         await emit_notices(self._emit, applied.record, applied.entries)
 
     async def apply(self, event: Event) -> Applied:
-        """Apply one status event to the ledger (without the bus)."""
+        """Apply one status event to the ledger (without the bus), group-committed with
+        the other events being applied at the same time."""
         update = status_update_from_event(event)
-        applied = await self._ledger.record_status(update)
-        log.debug(
-            "status applied",
-            message_id=update.message_id or None,
-            state=update.state,
-            duplicate=applied.duplicate,
-            pending=applied.pending,
-        )
+        applied = await self._group.submit(update)
         return applied

@@ -18,13 +18,15 @@ Concurrency model:
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
+import contextlib
 import hashlib
 import json
 import uuid
-from collections.abc import Callable, Mapping, Sequence
-from dataclasses import asdict, dataclass, replace
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
+from dataclasses import asdict, dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -32,7 +34,7 @@ from typing import Any
 from alembic import command as alembic_command
 from alembic.config import Config as AlembicConfig
 from sqlalchemy import Connection as SyncConnection
-from sqlalchemy import and_, delete, event, func, or_, select, update
+from sqlalchemy import and_, bindparam, delete, event, func, or_, select, update
 from sqlalchemy.dialects import postgresql as pg_dialect
 from sqlalchemy.dialects import sqlite as sqlite_dialect
 from sqlalchemy.engine import Row
@@ -193,6 +195,7 @@ class Ledger:
         self._reader = engine.execution_options(**{_READONLY: True})
         self._clock = clock
         self._max_page_size = max_page_size
+        self._write_lock = asyncio.Lock() if engine.dialect.name == "sqlite" else None
 
     @property
     def engine(self) -> AsyncEngine:
@@ -216,7 +219,7 @@ class Ledger:
         Concurrent calls from several processes on PostgreSQL serialise on an
         advisory lock.
         """
-        async with self._engine.begin() as conn:
+        async with self._write() as conn:
             if self.dialect == "postgresql":
                 await conn.exec_driver_sql("SELECT pg_advisory_xact_lock(7243011)")
             await conn.run_sync(_run_migrations)
@@ -227,6 +230,18 @@ class Ledger:
 
     def _read(self) -> AsyncConnection:
         return self._reader.connect()
+
+    @contextlib.asynccontextmanager
+    async def _write(self) -> AsyncIterator[AsyncConnection]:
+        """A write transaction. On SQLite, writers of this process queue on a lock
+        first: SQLite's busy handler sleeps in steps of up to 100 ms, so it is
+        kept for writers of other processes only."""
+        if self._write_lock is None:
+            async with self._engine.begin() as conn:
+                yield conn
+            return
+        async with self._write_lock, self._engine.begin() as conn:
+            yield conn
 
     # -- accept ------------------------------------------------------------
 
@@ -261,23 +276,24 @@ class Ledger:
             "created_at": now,
             "updated_at": now,
         }
-        async with self._engine.begin() as conn:
+        async with self._write() as conn:
             created = await _insert_ignore(conn, schema.messages, values, "message_id")
             if created:
                 await conn.execute(
-                    schema.attempts.insert().values(
-                        message_id=new.message_id,
-                        attempt=1,
-                        channel=new.channel,
-                        provider=new.provider,
-                        address=new.address,
-                        state=S.DELIVERY_STATE_ACCEPTED,
-                        provider_message_id="",
-                        dispatched=False,
-                        created_at=now,
-                    )
+                    schema.attempts.insert(),
+                    {
+                        "message_id": new.message_id,
+                        "attempt": 1,
+                        "channel": new.channel,
+                        "provider": new.provider,
+                        "address": new.address,
+                        "state": S.DELIVERY_STATE_ACCEPTED,
+                        "provider_message_id": "",
+                        "dispatched": False,
+                        "created_at": now,
+                    },
                 )
-                await _append(
+                entry = await _append(
                     conn,
                     new.message_id,
                     kind=EntryKind.TRANSITION,
@@ -293,36 +309,55 @@ class Ledger:
                 if new.fallback is not None:
                     step = new.fallback.steps[0]
                     await conn.execute(
-                        schema.timers.insert().values(
-                            message_id=new.message_id,
-                            due_at=_step_due(now, step.wait, now, new.fallback),
-                            attempt=1,
+                        schema.timers.insert(),
+                        {
+                            "message_id": new.message_id,
+                            "due_at": _step_due(now, step.wait, now, new.fallback),
+                            "attempt": 1,
+                        },
+                    )
+            if created:
+                attempt = Attempt(
+                    attempt=1,
+                    channel=new.channel,
+                    provider=new.provider,
+                    address=new.address,
+                    state=S.DELIVERY_STATE_ACCEPTED,
+                    provider_message_id="",
+                    dispatched=False,
+                    created_at=_out_time(now),
+                )
+                record = _build_record(
+                    values, [attempt], active=new.fallback is not None, timeline=[entry]
+                )
+            else:
+                row = (
+                    await conn.execute(
+                        select(schema.messages.c.message_id, schema.messages.c.fingerprint).where(
+                            schema.messages.c.idempotency_key == new.idempotency_key
                         )
                     )
-            row = (
-                await conn.execute(
-                    select(schema.messages).where(
-                        schema.messages.c.idempotency_key == new.idempotency_key
+                ).first()
+                if row is None:
+                    raise IdempotencyConflictError(
+                        f"message id {new.message_id} is already used by another idempotency key"
                     )
-                )
-            ).first()
-            if row is None:
-                raise IdempotencyConflictError(
-                    f"message id {new.message_id} is already used by another idempotency key"
-                )
-            if not created and new.fingerprint and row.fingerprint != new.fingerprint:
-                raise IdempotencyConflictError(
-                    f"idempotency key {new.idempotency_key!r} was used for a different request"
-                )
-            message_id = str(row.message_id)
-        if created:
-            await self._drain(message_id=message_id)
-        record = await self.get(message_id)
-        return record, created
+                if new.fingerprint and row.fingerprint != new.fingerprint:
+                    raise IdempotencyConflictError(
+                        f"idempotency key {new.idempotency_key!r} was used for a different request"
+                    )
+                existing_id = str(row.message_id)
+        if not created:
+            return await self.get(existing_id), False
+        # Statuses that arrived before the message (checked after our commit,
+        # see _apply_and_drain for the other half of the race).
+        if (await self._drain(message_ids=[new.message_id]))[1]:
+            record = await self.get(new.message_id)
+        return record, True
 
     async def mark_dispatched(self, message_id: str, attempt: int) -> None:
         """Note that the command of ``attempt`` was confirmed by the broker."""
-        async with self._engine.begin() as conn:
+        async with self._write() as conn:
             await conn.execute(
                 update(schema.attempts)
                 .where(
@@ -358,117 +393,123 @@ class Ledger:
         - A status whose message (or provider id, or attempt) is not known yet
           is kept pending and applied when it becomes known.
         """
-        return await self._record_status(update, status_event_id(update), from_pending=False)
+        [applied] = await self.record_statuses([update])
+        return applied
 
-    async def _record_status(
-        self, update: StatusUpdate, event_id: str, *, from_pending: bool
-    ) -> Applied:
-        now = _db_time(self.now())
-        async with self._engine.begin() as conn:
-            if from_pending:
-                taken = await conn.execute(
-                    delete(schema.pending)
-                    .where(schema.pending.c.event_id == event_id)
-                    .returning(schema.pending.c.event_id)
-                )
-                if taken.first() is None:
-                    # Another drain applied it already.
-                    return Applied(record=None, duplicate=True)
-            message_id = await _resolve_message(conn, update)
-            row = await _lock_message(conn, message_id) if message_id else None
-            attempts = await _attempts(conn, str(row.message_id)) if row is not None else []
-            if row is None or update.attempt > len(attempts):
-                # Unknown message, or an attempt the fallback engine has not
-                # created yet: keep it until they exist.
-                await _insert_ignore(
-                    conn,
-                    schema.pending,
-                    {
-                        "event_id": event_id,
-                        "message_id": update.message_id,
-                        "provider_message_id": update.provider_message_id,
-                        "payload": _update_to_json(update),
-                        "received_at": now,
-                    },
-                    "event_id",
-                )
-                known_id = str(row.message_id) if row is not None else ""
-            else:
-                fresh = await _insert_ignore(
-                    conn,
-                    schema.seen_events,
-                    {"event_id": event_id, "message_id": row.message_id, "recorded_at": now},
-                    "event_id",
-                )
-                if not fresh:
-                    record = await _record(conn, row, timeline=False, attempts=attempts)
-                    return Applied(record=record, duplicate=True)
-                entries, due, linked, record = await _apply_locked(
-                    conn, row, attempts, update, event_id, now
-                )
-                known_id = None
-        if known_id is None:
-            for provider_id in linked:
-                await self._drain(provider_message_id=provider_id)
-            if linked:
-                record = await self.find(record.message_id) or record
-            return Applied(record=record, entries=tuple(entries), fallback_due=due)
-        if known_id:
-            # Message known, attempt not yet: the engine drains when it creates it.
-            return Applied(record=await self.find(known_id), pending=True)
-        # The message may have been accepted (or its provider id linked)
-        # between our read and our commit: whoever commits second drains.
-        if update.message_id:
-            if await self._exists(update.message_id):
-                await self._drain(message_id=update.message_id)
-                return Applied(record=await self.find(update.message_id))
-        elif await self._message_for_provider_id(update.provider_message_id):
-            await self._drain(provider_message_id=update.provider_message_id)
-            return Applied(
-                record=await self.find_by_provider_message_id(update.provider_message_id)
-            )
-        return Applied(record=None, pending=True)
+    async def record_statuses(self, updates: Sequence[StatusUpdate]) -> list[Applied]:
+        """Apply several statuses in one transaction (group commit), in order.
 
-    async def _exists(self, message_id: str) -> bool:
+        Same semantics as :meth:`record_status` for each; the records returned
+        show each message as of the end of the batch. All or nothing: if the
+        transaction fails, none is applied (retry them, e.g. one by one).
+        """
+        if not updates:
+            return []
+        items = [_Item(u, status_event_id(u), from_pending=False) for u in updates]
+        return await self._apply_and_drain(items)
+
+    async def _apply_and_drain(self, items: list[_Item]) -> list[Applied]:
+        results, _, _ = await self._apply_batch_and_drain(items)
+        return results
+
+    async def _apply_batch_and_drain(
+        self, items: list[_Item]
+    ) -> tuple[list[Applied], dict[str, MessageRecord], set[str]]:
+        """Apply a batch, then drain what it released. Returns the results, the latest
+        record of every message touched (batch and drains), and the event ids of
+        pending statuses the drains applied."""
+        async with self._write() as conn:
+            outcome = await _apply_batch(conn, items, _db_time(self.now()))
+        latest = {a.record.message_id: a.record for a in outcome.results if a.record}
+        applied_ids = {i.event_id for i, a in zip(items, outcome.results, strict=True) if a.entries}
+        # Statuses waiting for a provider id that is now linked; and statuses
+        # kept pending for a message (or provider id) that was recorded between
+        # our read and our commit: whoever commits second drains.
+        message_ids: set[str] = set()
+        if outcome.unknown_message_ids:
+            message_ids = await self._existing(outcome.unknown_message_ids)
+        provider_ids = set(outcome.linked)
+        if outcome.unknown_provider_ids:
+            provider_ids |= await self._linked(outcome.unknown_provider_ids)
+        drained_latest, drained_ids = await self._drain(
+            message_ids=message_ids, provider_ids=provider_ids
+        )
+        if not drained_ids:
+            return outcome.results, latest, applied_ids
+        latest.update(drained_latest)
+        by_provider_id = {
+            a.provider_message_id: r
+            for r in latest.values()
+            for a in r.attempts
+            if a.provider_message_id
+        }
+        results: list[Applied] = []
+        for item, result in zip(items, outcome.results, strict=True):
+            if result.record is not None:
+                result = replace(result, record=latest[result.record.message_id])
+            if result.pending and item.event_id in drained_ids:
+                u = item.update
+                record = latest.get(u.message_id) or by_provider_id.get(u.provider_message_id)
+                result = replace(result, record=record, pending=False)
+            results.append(result)
+        return results, latest, applied_ids | drained_ids
+
+    async def _existing(self, message_ids: set[str]) -> set[str]:
         async with self._read() as conn:
-            found = await conn.scalar(
+            rows = await conn.execute(
                 select(schema.messages.c.message_id).where(
-                    schema.messages.c.message_id == message_id
+                    schema.messages.c.message_id.in_(sorted(message_ids))
                 )
             )
-            return found is not None
+            return {str(r.message_id) for r in rows}
 
-    async def _message_for_provider_id(self, provider_message_id: str) -> str:
-        if not provider_message_id:
-            return ""
+    async def _linked(self, provider_ids: set[str]) -> set[str]:
         async with self._read() as conn:
-            return await _message_id_for_provider_id(conn, provider_message_id)
+            rows = await conn.execute(
+                select(schema.attempts.c.provider_message_id).where(
+                    schema.attempts.c.provider_message_id.in_(sorted(provider_ids))
+                )
+            )
+            return {str(r.provider_message_id) for r in rows}
 
-    async def _drain(self, *, message_id: str = "", provider_message_id: str = "") -> None:
-        """Apply pending statuses of a message or provider id, oldest first.
+    async def _drain(
+        self, *, message_ids: Iterable[str] = (), provider_ids: Iterable[str] = ()
+    ) -> tuple[dict[str, MessageRecord], set[str]]:
+        """Apply pending statuses of these messages / provider ids, oldest first.
 
         Each is taken (deleted) in the transaction that applies it, so
         concurrent drains never apply one twice and a crash loses none.
+        Returns the latest records it touched and the event ids it applied.
         """
-        column = schema.pending.c.message_id if message_id else schema.pending.c.provider_message_id
-        key = message_id or provider_message_id
+        mids, pids = sorted(set(message_ids)), sorted(set(provider_ids))
+        if not mids and not pids:
+            return {}, set()
+        p = schema.pending.c
+        conditions = []
+        if mids:
+            conditions.append(p.message_id.in_(mids))
+        if pids:
+            conditions.append(p.provider_message_id.in_(pids))
         async with self._read() as conn:
             rows = (
                 await conn.execute(
-                    select(schema.pending.c.event_id, schema.pending.c.payload)
-                    .where(column == key)
-                    .order_by(schema.pending.c.received_at, schema.pending.c.event_id)
+                    select(p.event_id, p.payload)
+                    .where(or_(*conditions))
+                    .order_by(p.received_at, p.event_id)
                 )
             ).all()
-        for row in rows:
-            await self._record_status(
-                _update_from_json(row.payload), str(row.event_id), from_pending=True
-            )
+        if not rows:
+            return {}, set()
+        items = [
+            _Item(_update_from_json(r.payload), str(r.event_id), from_pending=True) for r in rows
+        ]
+        _, latest, applied_ids = await self._apply_batch_and_drain(items)
+        return latest, applied_ids
 
     async def purge_pending(self, older_than: datetime) -> int:
         """Drop pending statuses received before ``older_than`` (never matched); returns
         how many."""
-        async with self._engine.begin() as conn:
+        async with self._write() as conn:
             result = await conn.execute(
                 delete(schema.pending)
                 .where(schema.pending.c.received_at < _db_time(older_than))
@@ -547,7 +588,7 @@ class Ledger:
             rows = (await conn.execute(query)).all()
             more = len(rows) > size
             rows = rows[:size]
-            records = [await _record(conn, row, timeline=False) for row in rows]
+            records = await _records(conn, rows)
         token = ""
         if more and rows:
             token = _encode_token(rows[-1].created_at, str(rows[-1].message_id), digest)
@@ -591,7 +632,7 @@ class Ledger:
         the same timer: only one acts.
         """
         at = _db_time(now or self.now())
-        async with self._engine.begin() as conn:
+        async with self._write() as conn:
             row = await _lock_message(conn, message_id)
             timer = (
                 await conn.execute(
@@ -725,7 +766,7 @@ class Ledger:
             command = _next_command(row.command, nxt.channel, nxt.provider, nxt.address, number)
             record = await _load(conn, message_id)
         # Statuses of the new attempt may have arrived before it existed.
-        await self._drain(message_id=message_id)
+        await self._drain(message_ids=[message_id])
         return TimerOutcome(
             action=TimerAction.SWITCHED, record=record, entries=tuple(entries), command=command
         )
@@ -787,8 +828,9 @@ async def _insert_ignore(
 ) -> bool:
     """INSERT ... ON CONFLICT DO NOTHING; True when the row was inserted."""
     insert = pg_dialect.insert if conn.dialect.name == "postgresql" else sqlite_dialect.insert
-    stmt = insert(table).values(**values).on_conflict_do_nothing().returning(table.c[key])
-    return (await conn.execute(stmt)).first() is not None
+    # Parameters passed separately: the statement's compiled form is cached.
+    stmt = insert(table).on_conflict_do_nothing().returning(table.c[key])
+    return (await conn.execute(stmt, dict(values))).first() is not None
 
 
 async def _lock_message(conn: AsyncConnection, message_id: str) -> Row[Any] | None:
@@ -811,33 +853,8 @@ async def _message_id_for_provider_id(conn: AsyncConnection, provider_message_id
     return str(found) if found else ""
 
 
-async def _resolve_message(conn: AsyncConnection, update: StatusUpdate) -> str:
-    if update.message_id:
-        return update.message_id
-    return await _message_id_for_provider_id(conn, update.provider_message_id)
-
-
 async def _attempts(conn: AsyncConnection, message_id: str) -> list[Attempt]:
-    rows = (
-        await conn.execute(
-            select(schema.attempts)
-            .where(schema.attempts.c.message_id == message_id)
-            .order_by(schema.attempts.c.attempt)
-        )
-    ).all()
-    return [
-        Attempt(
-            attempt=int(r.attempt),
-            channel=str(r.channel),
-            provider=str(r.provider),
-            address=str(r.address),
-            state=int(r.state),
-            provider_message_id=str(r.provider_message_id),
-            dispatched=bool(r.dispatched),
-            created_at=_out_time(r.created_at),
-        )
-        for r in rows
-    ]
+    return [att for _, att in await _attempts_of(conn, [message_id])]
 
 
 def _match_attempt(attempts: Sequence[Attempt], update: StatusUpdate, current: int) -> Attempt:
@@ -901,9 +918,7 @@ async def _append(
         "occurred_at": occurred_at,
         "recorded_at": recorded_at,
     }
-    seq = await conn.scalar(
-        schema.timeline.insert().values(**values).returning(schema.timeline.c.seq)
-    )
+    seq = await conn.scalar(schema.timeline.insert().returning(schema.timeline.c.seq), values)
     return StatusEntry(
         seq=int(seq or 0),
         kind=kind,
@@ -968,131 +983,388 @@ async def _transition(
     )
 
 
-async def _apply_locked(
-    conn: AsyncConnection,
-    row: Row[Any],
-    attempts: list[Attempt],
-    update_: StatusUpdate,
-    event_id: str,
-    now: datetime,
-) -> tuple[list[StatusEntry], bool, list[str], MessageRecord]:
-    """Apply a status to a locked message: (entries appended, fallback due now, provider ids
-    newly linked to an attempt, the updated record without timeline)."""
-    message_id = str(row.message_id)
-    current_number = int(row.attempt)
-    target = _match_attempt(attempts, update_, current_number)
-    linked: list[str] = []
-    a = schema.attempts.c
-    attempt_values: dict[str, Any] = {}
-    if update_.provider_message_id and not target.provider_message_id:
-        attempt_values["provider_message_id"] = update_.provider_message_id
-        linked.append(update_.provider_message_id)
-    attempt_advanced = advance(target.state, update_.state)
-    if attempt_advanced:
-        attempt_values["state"] = update_.state
-    if attempt_values:
+@dataclass(frozen=True)
+class _Item:
+    update: StatusUpdate
+    event_id: str
+    from_pending: bool
+
+
+@dataclass
+class _Msg:
+    """A locked message while a batch is applied to it (changes kept in memory)."""
+
+    values: dict[str, Any]
+    attempts: list[Attempt]
+    timer: bool
+    dirty: bool = False
+    dirty_attempts: set[int] = field(default_factory=set)
+    #: None, "due" (set ``timer_due``) or "delete".
+    timer_op: str | None = None
+    timer_due: datetime | None = None
+
+    @property
+    def message_id(self) -> str:
+        return str(self.values["message_id"])
+
+    def policy(self) -> FallbackPolicy | None:
+        raw = self.values["fallback_json"]
+        return FallbackPolicy.from_json(json.loads(raw)) if raw else None
+
+
+@dataclass
+class _BatchOutcome:
+    results: list[Applied]
+    linked: set[str]
+    unknown_message_ids: set[str]
+    unknown_provider_ids: set[str]
+
+
+async def _apply_batch(
+    conn: AsyncConnection, items: Sequence[_Item], now: datetime
+) -> _BatchOutcome:
+    """Apply statuses in one transaction with a fixed number of statements.
+
+    Lock order: message rows (sorted, one statement), then pending and seen
+    rows, as everywhere else in the ledger.
+    """
+    m, a, p = schema.messages.c, schema.attempts.c, schema.pending.c
+    # Which message each status is about.
+    pid_only = sorted({i.update.provider_message_id for i in items if not i.update.message_id})
+    pid_map: dict[str, str] = {}
+    if pid_only:
+        for r in await conn.execute(
+            select(a.provider_message_id, a.message_id)
+            .where(a.provider_message_id.in_(pid_only))
+            .order_by(a.created_at)
+        ):
+            pid_map[str(r.provider_message_id)] = str(r.message_id)
+    mids = sorted(
+        {i.update.message_id or pid_map.get(i.update.provider_message_id, "") for i in items} - {""}
+    )
+    msgs: dict[str, _Msg] = {}
+    if mids:
+        rows = (
+            await conn.execute(
+                select(schema.messages)
+                .where(m.message_id.in_(mids))
+                .order_by(m.message_id)
+                .with_for_update()
+            )
+        ).all()
+        for r in rows:
+            msgs[str(r.message_id)] = _Msg(values=dict(r._mapping), attempts=[], timer=False)
+    taken: set[str] = set()
+    from_pending = sorted({i.event_id for i in items if i.from_pending})
+    if from_pending:
+        taken = {
+            str(r.event_id)
+            for r in await conn.execute(
+                delete(schema.pending).where(p.event_id.in_(from_pending)).returning(p.event_id)
+            )
+        }
+    if msgs:
+        for att in await _attempts_of(conn, sorted(msgs)):
+            msgs[att[0]].attempts.append(att[1])
+        with_policy = sorted(k for k, v in msgs.items() if v.values["fallback_json"])
+        if with_policy:
+            for r in await conn.execute(
+                select(schema.timers.c.message_id).where(
+                    schema.timers.c.message_id.in_(with_policy)
+                )
+            ):
+                msgs[str(r.message_id)].timer = True
+    candidate_ids = sorted({i.event_id for i in items})
+    seen = {
+        str(r.event_id)
+        for r in await conn.execute(
+            select(schema.seen_events.c.event_id).where(
+                schema.seen_events.c.event_id.in_(candidate_ids)
+            )
+        )
+    }
+    linked_now: dict[str, str] = {}
+    pending_rows: dict[str, dict[str, Any]] = {}
+    seen_rows: list[dict[str, Any]] = []
+    entry_rows: list[dict[str, Any]] = []
+    # Per item: (kind of result, message, indexes into entry_rows, fallback due)
+    plans: list[tuple[str, _Msg | None, list[int], bool]] = []
+    linked: set[str] = set()
+    unknown_mids: set[str] = set()
+    unknown_pids: set[str] = set()
+    for item in items:
+        u = item.update
+        if item.from_pending and item.event_id not in taken:
+            plans.append(("duplicate", None, [], False))  # another drain applied it
+            continue
+        mid = (
+            u.message_id
+            or pid_map.get(u.provider_message_id)
+            or linked_now.get(u.provider_message_id, "")
+        )
+        msg = msgs.get(mid)
+        early_attempt = (
+            msg is not None
+            and msg.values["fallback_json"] is not None
+            and u.attempt > len(msg.attempts)
+        )
+        if msg is None or early_attempt:
+            pending_rows.setdefault(
+                item.event_id,
+                {
+                    "event_id": item.event_id,
+                    "message_id": u.message_id,
+                    "provider_message_id": u.provider_message_id,
+                    "payload": _update_to_json(u),
+                    "received_at": now,
+                },
+            )
+            if msg is None:
+                if u.message_id:
+                    unknown_mids.add(u.message_id)
+                else:
+                    unknown_pids.add(u.provider_message_id)
+            plans.append(("pending", msg, [], False))
+            continue
+        if item.event_id in seen:
+            plans.append(("duplicate", msg, [], False))
+            continue
+        seen.add(item.event_id)
+        seen_rows.append({"event_id": item.event_id, "message_id": mid, "recorded_at": now})
+        entries, due, new_links = _apply_one(msg, u, item.event_id, now)
+        for pid in new_links:
+            linked_now[pid] = mid
+            linked.add(pid)
+        start = len(entry_rows)
+        entry_rows.extend(entries)
+        plans.append(("applied", msg, list(range(start, len(entry_rows))), due))
+    # Write everything back: a handful of statements whatever the batch size.
+    if seen_rows:
+        await _insert_many_ignore(conn, schema.seen_events, seen_rows)
+    if pending_rows:
+        await _insert_many_ignore(conn, schema.pending, list(pending_rows.values()))
+    seqs: list[int] = []
+    if entry_rows:
+        result = await conn.execute(
+            schema.timeline.insert().returning(schema.timeline.c.seq, sort_by_parameter_order=True),
+            entry_rows,
+        )
+        seqs = [int(r.seq) for r in result]
+    attempt_rows = [
+        {
+            "b_mid": msg.message_id,
+            "b_attempt": att.attempt,
+            "state": att.state,
+            "provider_message_id": att.provider_message_id,
+        }
+        for msg in msgs.values()
+        for att in msg.attempts
+        if att.attempt in msg.dirty_attempts
+    ]
+    if attempt_rows:
         await conn.execute(
             update(schema.attempts)
-            .where(a.message_id == message_id, a.attempt == target.attempt)
-            .values(**attempt_values)
+            .where(a.message_id == bindparam("b_mid"), a.attempt == bindparam("b_attempt"))
+            .values(state=bindparam("state"), provider_message_id=bindparam("provider_message_id")),
+            attempt_rows,
         )
-    timer_active = (
-        row.fallback_json is not None
-        and await conn.scalar(
-            select(schema.timers.c.message_id).where(schema.timers.c.message_id == message_id)
+    message_rows = [
+        {
+            "b_mid": msg.message_id,
+            "state": msg.values["state"],
+            "reason_code": msg.values["reason_code"],
+            "reason": msg.values["reason"],
+            "late_delivery": msg.values["late_delivery"],
+            "updated_at": msg.values["updated_at"],
+        }
+        for msg in msgs.values()
+        if msg.dirty
+    ]
+    if message_rows:
+        await conn.execute(
+            update(schema.messages)
+            .where(m.message_id == bindparam("b_mid"))
+            .values(
+                state=bindparam("state"),
+                reason_code=bindparam("reason_code"),
+                reason=bindparam("reason"),
+                late_delivery=bindparam("late_delivery"),
+                updated_at=bindparam("updated_at"),
+            ),
+            message_rows,
         )
-        is not None
+    timer_deletes = sorted(k for k, v in msgs.items() if v.timer_op == "delete")
+    if timer_deletes:
+        await conn.execute(
+            delete(schema.timers).where(schema.timers.c.message_id.in_(timer_deletes))
+        )
+    timer_dues = [
+        {"b_mid": k, "due_at": v.timer_due} for k, v in msgs.items() if v.timer_op == "due"
+    ]
+    if timer_dues:
+        await conn.execute(
+            update(schema.timers)
+            .where(schema.timers.c.message_id == bindparam("b_mid"))
+            .values(due_at=bindparam("due_at")),
+            timer_dues,
+        )
+    records = {k: _build_record(v.values, v.attempts, active=v.timer) for k, v in msgs.items()}
+    results: list[Applied] = []
+    for kind, msg, indexes, due in plans:
+        record = records[msg.message_id] if msg is not None else None
+        if kind == "applied":
+            made = tuple(_entry(entry_rows[i], seqs[i]) for i in indexes)
+            results.append(Applied(record=record, entries=made, fallback_due=due))
+        else:
+            results.append(
+                Applied(record=record, duplicate=kind == "duplicate", pending=kind == "pending")
+            )
+    return _BatchOutcome(
+        results=results,
+        linked=linked,
+        unknown_message_ids=unknown_mids,
+        unknown_provider_ids=unknown_pids,
     )
-    entry_args: dict[str, Any] = {
+
+
+def _apply_one(
+    msg: _Msg, u: StatusUpdate, event_id: str, now: datetime
+) -> tuple[list[dict[str, Any]], bool, list[str]]:
+    """Apply one status to a locked message in memory: (timeline rows, fallback due now,
+    provider ids newly linked to an attempt)."""
+    current_number = int(msg.values["attempt"])
+    target = _match_attempt(msg.attempts, u, current_number)
+    linked: list[str] = []
+    changes: dict[str, Any] = {}
+    if u.provider_message_id and not target.provider_message_id:
+        changes["provider_message_id"] = u.provider_message_id
+        linked.append(u.provider_message_id)
+    attempt_advanced = advance(target.state, u.state)
+    if attempt_advanced:
+        changes["state"] = u.state
+    if changes:
+        msg.attempts[target.attempt - 1] = replace(target, **changes)
+        msg.dirty_attempts.add(target.attempt)
+    timer_active = msg.timer
+    base: dict[str, Any] = {
+        "message_id": msg.message_id,
         "attempt": target.attempt,
-        "channel": update_.channel or target.channel,
-        "provider": update_.provider or target.provider,
-        "provider_status": update_.provider_status,
-        "reason_code": update_.reason_code,
-        "reason": update_.reason,
-        "permanent": update_.permanent,
-        "provider_message_id": update_.provider_message_id or target.provider_message_id,
-        "trace_id": update_.trace_id,
+        "channel": u.channel or target.channel,
+        "provider": u.provider or target.provider,
+        "provider_status": u.provider_status,
+        "reason_code": u.reason_code,
+        "reason": u.reason,
+        "permanent": u.permanent,
+        "provider_message_id": u.provider_message_id or target.provider_message_id,
+        "trace_id": u.trace_id,
         "event_id": event_id,
-        "occurred_at": _db_time(update_.occurred_at) if update_.occurred_at else None,
+        "occurred_at": _db_time(u.occurred_at) if u.occurred_at else None,
         "recorded_at": now,
     }
-    entries: list[StatusEntry] = []
+    rows: list[dict[str, Any]] = []
     due = False
-    state = int(row.state)
-    message_values: dict[str, Any] = {}
+    state = int(msg.values["state"])
+    values: dict[str, Any] = {}
     if target.attempt == current_number:
-        if timer_active and update_.state in REJECTED_STATES:
+        if timer_active and u.state in REJECTED_STATES:
             if attempt_advanced:
                 # The fallback engine decides what comes next (switch or exhausted).
-                entries.append(
-                    await _append(
-                        conn, message_id, kind=EntryKind.ATTEMPT, state=update_.state, **entry_args
-                    )
-                )
-                await conn.execute(
-                    update(schema.timers)
-                    .where(schema.timers.c.message_id == message_id)
-                    .values(due_at=now)
-                )
+                rows.append(dict(base, kind=EntryKind.ATTEMPT.value, state=u.state))
+                msg.timer_op, msg.timer_due = "due", now
                 due = True
-        elif advance(state, update_.state):
-            entries.append(
-                await _append(
-                    conn, message_id, kind=EntryKind.TRANSITION, state=update_.state, **entry_args
-                )
-            )
-            message_values.update(
-                state=update_.state, reason_code=update_.reason_code, reason=update_.reason
-            )
-            if timer_active:
-                policy = FallbackPolicy.from_json(json.loads(row.fallback_json))
+        elif advance(state, u.state):
+            rows.append(dict(base, kind=EntryKind.TRANSITION.value, state=u.state))
+            values.update(state=u.state, reason_code=u.reason_code, reason=u.reason)
+            policy = msg.policy()
+            if timer_active and policy is not None:
                 step = policy.steps[target.attempt - 1]
-                if success_reached(update_.state, step.success_state):
-                    await conn.execute(
-                        delete(schema.timers).where(schema.timers.c.message_id == message_id)
-                    )
+                if success_reached(u.state, step.success_state):
+                    msg.timer, msg.timer_op = False, "delete"
     elif attempt_advanced:
-        late = update_.state in (S.DELIVERY_STATE_DELIVERED, S.DELIVERY_STATE_READ) and not bool(
-            row.late_delivery
+        late = u.state in (S.DELIVERY_STATE_DELIVERED, S.DELIVERY_STATE_READ) and not bool(
+            msg.values["late_delivery"]
         )
         if late:
-            args = dict(entry_args, reason_code=REASON_LATE_DELIVERY)
-            args["reason"] = update_.reason or (
+            reason = u.reason or (
                 f"attempt {target.attempt} on {target.channel}/{target.provider} delivered "
                 "after the switch; suppress the duplicate"
             )
-            entries.append(
-                await _append(
-                    conn, message_id, kind=EntryKind.LATE_DELIVERY, state=update_.state, **args
+            rows.append(
+                dict(
+                    base,
+                    kind=EntryKind.LATE_DELIVERY.value,
+                    state=u.state,
+                    reason_code=REASON_LATE_DELIVERY,
+                    reason=reason,
                 )
             )
-            message_values["late_delivery"] = True
+            values["late_delivery"] = True
             if timer_active:
                 # The recipient has it: trying more channels would only add duplicates.
-                await conn.execute(
-                    delete(schema.timers).where(schema.timers.c.message_id == message_id)
-                )
-            if advance(state, update_.state):
-                message_values.update(state=update_.state, reason_code=REASON_LATE_DELIVERY)
+                msg.timer, msg.timer_op = False, "delete"
+            if advance(state, u.state):
+                values.update(state=u.state, reason_code=REASON_LATE_DELIVERY, reason=reason)
         else:
-            entries.append(
-                await _append(
-                    conn, message_id, kind=EntryKind.ATTEMPT, state=update_.state, **entry_args
-                )
-            )
-    if entries or message_values:
-        message_values["updated_at"] = now
+            rows.append(dict(base, kind=EntryKind.ATTEMPT.value, state=u.state))
+    if rows or values:
+        values["updated_at"] = now
+        msg.values.update(values)
+        msg.dirty = True
+    return rows, due, linked
+
+
+def _entry(row: Mapping[Any, Any], seq: int) -> StatusEntry:
+    return StatusEntry(
+        seq=seq,
+        kind=EntryKind(row["kind"]),
+        state=int(row["state"]),
+        attempt=int(row["attempt"]),
+        channel=str(row["channel"]),
+        provider=str(row["provider"]),
+        provider_status=str(row["provider_status"]),
+        reason_code=str(row["reason_code"]),
+        reason=str(row["reason"]),
+        permanent=bool(row["permanent"]),
+        provider_message_id=str(row["provider_message_id"]),
+        trace_id=str(row["trace_id"]),
+        event_id=str(row["event_id"]),
+        occurred_at=_opt_out_time(row["occurred_at"]),
+        recorded_at=_out_time(row["recorded_at"]),
+    )
+
+
+async def _insert_many_ignore(
+    conn: AsyncConnection, table: Any, rows: list[dict[str, Any]]
+) -> None:
+    """Multi-row INSERT ... ON CONFLICT DO NOTHING."""
+    insert = pg_dialect.insert if conn.dialect.name == "postgresql" else sqlite_dialect.insert
+    await conn.execute(insert(table).values(rows).on_conflict_do_nothing())
+
+
+async def _attempts_of(
+    conn: AsyncConnection, message_ids: Sequence[str]
+) -> list[tuple[str, Attempt]]:
+    rows = (
         await conn.execute(
-            update(schema.messages)
-            .where(schema.messages.c.message_id == message_id)
-            .values(**message_values)
+            select(schema.attempts)
+            .where(schema.attempts.c.message_id.in_(message_ids))
+            .order_by(schema.attempts.c.message_id, schema.attempts.c.attempt)
         )
-    if attempt_values:
-        attempts = [replace(x, **attempt_values) if x is target else x for x in attempts]
-    values = {**row._mapping, **message_values}
-    record = await _record(conn, values, timeline=False, attempts=attempts)
-    return entries, due, linked, record
+    ).all()
+    return [(str(r.message_id), _attempt(r)) for r in rows]
+
+
+def _attempt(r: Row[Any]) -> Attempt:
+    return Attempt(
+        attempt=int(r.attempt),
+        channel=str(r.channel),
+        provider=str(r.provider),
+        address=str(r.address),
+        state=int(r.state),
+        provider_message_id=str(r.provider_message_id),
+        dispatched=bool(r.dispatched),
+        created_at=_out_time(r.created_at),
+    )
 
 
 def _step_due(
@@ -1156,30 +1428,10 @@ async def _record(
     entries: list[StatusEntry] = []
     if timeline:
         t = schema.timeline.c
-        for e in (
-            await conn.execute(
-                select(schema.timeline).where(t.message_id == message_id).order_by(t.seq)
-            )
-        ).all():
-            entries.append(
-                StatusEntry(
-                    seq=int(e.seq),
-                    kind=EntryKind(e.kind),
-                    state=int(e.state),
-                    attempt=int(e.attempt),
-                    channel=str(e.channel),
-                    provider=str(e.provider),
-                    provider_status=str(e.provider_status),
-                    reason_code=str(e.reason_code),
-                    reason=str(e.reason),
-                    permanent=bool(e.permanent),
-                    provider_message_id=str(e.provider_message_id),
-                    trace_id=str(e.trace_id),
-                    event_id=str(e.event_id),
-                    occurred_at=_opt_out_time(e.occurred_at),
-                    recorded_at=_out_time(e.recorded_at),
-                )
-            )
+        result = await conn.execute(
+            select(schema.timeline).where(t.message_id == message_id).order_by(t.seq)
+        )
+        entries = [_entry(e._mapping, int(e.seq)) for e in result]
     active = (
         values["fallback_json"] is not None
         and await conn.scalar(
@@ -1187,9 +1439,40 @@ async def _record(
         )
         is not None
     )
+    return _build_record(values, attempts, active=active, timeline=entries)
+
+
+async def _records(conn: AsyncConnection, rows: Sequence[Row[Any]]) -> list[MessageRecord]:
+    """Records (without timeline) of many message rows, in three queries."""
+    ids = [str(r.message_id) for r in rows]
+    if not ids:
+        return []
+    attempts: dict[str, list[Attempt]] = {i: [] for i in ids}
+    for mid, att in await _attempts_of(conn, ids):
+        attempts[mid].append(att)
+    with_policy = [str(r.message_id) for r in rows if r.fallback_json]
+    active: set[str] = set()
+    if with_policy:
+        result = await conn.execute(
+            select(schema.timers.c.message_id).where(schema.timers.c.message_id.in_(with_policy))
+        )
+        active = {str(r.message_id) for r in result}
+    return [
+        _build_record(r._mapping, attempts[str(r.message_id)], active=str(r.message_id) in active)
+        for r in rows
+    ]
+
+
+def _build_record(
+    values: Mapping[Any, Any],
+    attempts: Sequence[Attempt],
+    *,
+    active: bool,
+    timeline: Sequence[StatusEntry] = (),
+) -> MessageRecord:
     current = attempts[int(values["attempt"]) - 1]
     return MessageRecord(
-        message_id=message_id,
+        message_id=str(values["message_id"]),
         idempotency_key=str(values["idempotency_key"]),
         state=int(values["state"]),
         channel=current.channel,
@@ -1213,7 +1496,7 @@ async def _record(
         created_at=_out_time(values["created_at"]),
         updated_at=_out_time(values["updated_at"]),
         attempts=tuple(attempts),
-        timeline=tuple(entries),
+        timeline=tuple(timeline),
     )
 
 
