@@ -116,6 +116,15 @@ class ConnectorDirectory:
         self._probe = probe
         self._defaults = dict(default_providers or {})
         self._specs: dict[str, ConnectorSpec] = {}
+        # Scanning entry points reads every installed distribution's metadata:
+        # far too slow for every send, and the set is fixed for the process.
+        self._installed = tuple(registry.available())
+
+    def installed(self, channel: str = "") -> list[str]:
+        """Installed connector names (of ``channel``), sorted."""
+        if not channel:
+            return list(self._installed)
+        return [n for n in self._installed if n.split(".", 1)[0] == channel]
 
     @property
     def enabled(self) -> frozenset[str]:
@@ -135,12 +144,12 @@ class ConnectorDirectory:
         an ambiguous choice (several enabled providers and no default).
         """
         where = f"{field}: " if field else ""
-        installed = registry.for_channel(channel)
+        installed = self.installed(channel)
         if not installed:
             raise RpcError(
                 grpc.StatusCode.FAILED_PRECONDITION,
                 f"{where}unknown channel {channel!r}: no connector for it is installed "
-                f"(installed: {', '.join(registry.available()) or 'none'})",
+                f"(installed: {', '.join(self._installed) or 'none'})",
                 reason="UNKNOWN_CHANNEL",
             )
         enabled = [n for n in installed if n in self._enabled]
@@ -186,7 +195,7 @@ class ConnectorDirectory:
 
     async def describe(self, channel: str = "") -> Sequence[ConnectorInfo]:
         """Every installed connector (of ``channel``), with manifest and live health."""
-        names = registry.for_channel(channel) if channel else registry.available()
+        names = self.installed(channel)
         infos: list[ConnectorInfo] = []
         for name in names:
             info = ConnectorInfo(name=name, enabled=name in self._enabled)

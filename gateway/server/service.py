@@ -16,6 +16,7 @@ from typing import Any, NoReturn, TypeVar
 import grpc
 from grpc import aio
 from opentelemetry.trace import SpanKind, Status, StatusCode
+from sqlalchemy.exc import SQLAlchemyError
 
 from gateway.api.v1 import gateway_service_pb2_grpc
 from gateway.api.v1.command_pb2 import SendMessageCommand
@@ -79,6 +80,17 @@ async def _answer(context: Context, work: Awaitable[T]) -> T:
         return await work
     except RpcError as exc:
         await _abort(context, exc)
+    except (SQLAlchemyError, OSError) as exc:
+        # The database's own message may name hosts and users: log it, answer plainly.
+        log.error("delivery ledger unavailable", error=repr(exc))
+        await _abort(
+            context,
+            RpcError(
+                grpc.StatusCode.UNAVAILABLE,
+                "the delivery ledger is unavailable; retry (with the same idempotency_key)",
+                reason="LEDGER_UNAVAILABLE",
+            ),
+        )
 
 
 def _budget(context: Context, limit: float) -> float:

@@ -14,6 +14,7 @@ from opentelemetry import trace
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from sqlalchemy.exc import OperationalError
 
 from gateway.api.v1.command_pb2 import SendMessageCommand
 from gateway.api.v1.content_pb2 import Attachment, Choice, ChoiceOption, Media, Text
@@ -508,3 +509,17 @@ async def test_graceful_shutdown_finishes_rpcs_in_flight(tmp_path: Path) -> None
         await channel.close()
         await server.stop()
         await bus.close()
+
+
+async def test_ledger_outage_is_unavailable_without_details(
+    gateway: Gateway, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    async def broken(*_: object, **__: object) -> None:
+        raise OperationalError("INSERT ...", {}, Exception("could not connect to db-secret-host"))
+
+    monkeypatch.setattr(gateway.server.ledger, "accept", broken)
+    with pytest.raises(aio.AioRpcError) as err:
+        await gateway.stub.SendMessage(text_request(), timeout=5)
+    assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+    assert "db-secret-host" not in (err.value.details() or "")
+    assert not commands(gateway.bus)
