@@ -76,8 +76,16 @@ async def _abort(context: Context, error: RpcError) -> NoReturn:
 
 
 async def _answer(context: Context, work: Awaitable[T]) -> T:
+    # The whole handler runs within the caller's deadline (None: no deadline).
+    deadline = asyncio.timeout(context.time_remaining())
     try:
-        return await work
+        async with deadline:
+            return await work
+    except TimeoutError as exc:
+        if deadline.expired():
+            await _abort(context, RpcError(grpc.StatusCode.DEADLINE_EXCEEDED, "deadline exceeded"))
+        log.error("a dependency timed out", error=repr(exc))
+        await _abort(context, RpcError(grpc.StatusCode.UNAVAILABLE, "a dependency timed out"))
     except RpcError as exc:
         await _abort(context, exc)
     except (SQLAlchemyError, OSError) as exc:

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import grpc
 import pytest
+from google.protobuf import descriptor_pb2
 from google.protobuf.timestamp_pb2 import Timestamp
 from grpc import aio
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -331,16 +333,40 @@ async def test_health_and_reflection(gateway: Gateway) -> None:
 
     stub = reflection_pb2_grpc.ServerReflectionStub(gateway.channel)
 
-    async def ask() -> reflection_pb2.ServerReflectionResponse:
-        async def requests():  # type: ignore[no-untyped-def]
-            yield reflection_pb2.ServerReflectionRequest(list_services="")
+    async def ask(
+        request: reflection_pb2.ServerReflectionRequest,
+    ) -> reflection_pb2.ServerReflectionResponse:
+        async def requests() -> AsyncIterator[reflection_pb2.ServerReflectionRequest]:
+            yield request
 
         async for response in stub.ServerReflectionInfo(requests(), timeout=5):
             return response
         raise AssertionError("no reflection answer")
 
-    names = {s.name for s in (await ask()).list_services_response.service}
+    listed = await ask(reflection_pb2.ServerReflectionRequest(list_services=""))
+    names = {s.name for s in listed.list_services_response.service}
     assert {"gateway.api.v1.GatewayService", "grpc.health.v1.Health"} <= names
+    # What grpcurl asks next: the file defining the service, with its dependencies.
+    found = await ask(
+        reflection_pb2.ServerReflectionRequest(
+            file_containing_symbol="gateway.api.v1.GatewayService"
+        )
+    )
+    files = [
+        descriptor_pb2.FileDescriptorProto.FromString(raw)
+        for raw in found.file_descriptor_response.file_descriptor_proto
+    ]
+    by_name = {f.name: f for f in files}
+    service_file = by_name["gateway/api/v1/gateway_service.proto"]
+    assert [m.name for m in service_file.service[0].method] == [
+        "SendMessage",
+        "GetMessage",
+        "ListMessages",
+        "ListConnectors",
+        "PreviewMessage",
+        "StreamEvents",
+    ]
+    assert "gateway/api/v1/envelope.proto" in by_name
 
 
 async def test_health_follows_the_broker_and_shutdown(tmp_path: Path) -> None:

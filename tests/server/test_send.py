@@ -523,3 +523,21 @@ async def test_ledger_outage_is_unavailable_without_details(
     assert err.value.code() == grpc.StatusCode.UNAVAILABLE
     assert "db-secret-host" not in (err.value.details() or "")
     assert not commands(gateway.bus)
+
+
+async def test_slow_ledger_reads_end_at_the_deadline(
+    gateway: Gateway, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    abandoned = asyncio.Event()
+
+    async def slow(*_: object, **__: object) -> None:
+        try:
+            await asyncio.sleep(30)
+        finally:
+            abandoned.set()  # the server gave up on the read, it does not run on
+
+    monkeypatch.setattr(gateway.server.ledger, "get", slow)
+    with pytest.raises(aio.AioRpcError) as err:
+        await gateway.stub.GetMessage(GetMessageRequest(message_id="m"), timeout=0.5)
+    assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    await asyncio.wait_for(abandoned.wait(), 2)
