@@ -20,6 +20,7 @@ from sqlalchemy import (
     String,
     Table,
     Text,
+    text,
 )
 
 metadata = MetaData()
@@ -50,6 +51,7 @@ messages = Table(
     Index("ix_ledger_messages_created", "created_at", "message_id"),
     Index("ix_ledger_messages_conversation", "conversation_id", "created_at"),
     Index("ix_ledger_messages_correlation", "correlation_id", "created_at"),
+    Index("ix_ledger_messages_updated", "updated_at"),
 )
 
 attempts = Table(
@@ -70,6 +72,13 @@ attempts = Table(
     Column("dispatched", Boolean, nullable=False, default=False),
     Column("created_at", DateTime, nullable=False),
     Index("ix_ledger_attempts_provider_id", "provider_message_id"),
+    # The fallback engine polls for unconfirmed commands every second (0002).
+    Index(
+        "ix_ledger_attempts_undispatched",
+        "created_at",
+        postgresql_where=text("NOT dispatched"),
+        sqlite_where=text("dispatched = 0"),
+    ),
 )
 
 timeline = Table(
@@ -106,6 +115,7 @@ seen_events = Table(
     Column("event_id", String(255), primary_key=True),
     Column("message_id", String(64), nullable=False),
     Column("recorded_at", DateTime, nullable=False),
+    Index("ix_ledger_seen_events_message", "message_id"),
 )
 
 #: Statuses that arrived before their message (or its provider id) was known.

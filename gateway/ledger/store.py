@@ -34,7 +34,7 @@ from typing import Any
 from alembic import command as alembic_command
 from alembic.config import Config as AlembicConfig
 from sqlalchemy import Connection as SyncConnection
-from sqlalchemy import and_, bindparam, delete, event, func, or_, select, update
+from sqlalchemy import and_, bindparam, delete, event, false, func, or_, select, update
 from sqlalchemy.dialects import postgresql as pg_dialect
 from sqlalchemy.dialects import sqlite as sqlite_dialect
 from sqlalchemy.engine import Row
@@ -506,6 +506,41 @@ class Ledger:
         _, latest, applied_ids = await self._apply_batch_and_drain(items)
         return latest, applied_ids
 
+    async def purge(self, before: datetime, *, limit: int = 1000) -> int:
+        """Retention: delete settled messages last updated before ``before``.
+
+        Settled means a final state or DELIVERED, with no fallback timer left.
+        Their attempts, timeline and remembered event ids go with them (a
+        status for them arriving later would be kept pending, then purged by
+        :meth:`purge_pending`), and their idempotency keys become free again.
+        Deletes at most ``limit`` messages per call; returns how many.
+        """
+        m = schema.messages.c
+        settled = [*FINAL_STATES, S.DELIVERY_STATE_DELIVERED]
+        async with self._write() as conn:
+            ids = [
+                str(r.message_id)
+                for r in await conn.execute(
+                    select(m.message_id)
+                    .where(
+                        m.updated_at < _db_time(before),
+                        m.state.in_(settled),
+                        ~select(schema.timers.c.message_id)
+                        .where(schema.timers.c.message_id == m.message_id)
+                        .exists(),
+                    )
+                    .order_by(m.updated_at)
+                    .limit(limit)
+                    .with_for_update(skip_locked=True)
+                )
+            ]
+            if not ids:
+                return 0
+            for table in (schema.seen_events, schema.timeline, schema.attempts, schema.timers):
+                await conn.execute(delete(table).where(table.c.message_id.in_(ids)))
+            await conn.execute(delete(schema.messages).where(m.message_id.in_(ids)))
+        return len(ids)
+
     async def purge_pending(self, older_than: datetime) -> int:
         """Drop pending statuses received before ``older_than`` (never matched); returns
         how many."""
@@ -783,7 +818,7 @@ class Ledger:
                     select(a.message_id, a.attempt)
                     .join(schema.messages, m.message_id == a.message_id)
                     .where(
-                        a.dispatched.is_(False),
+                        a.dispatched == false(),
                         a.attempt == m.attempt,
                         a.created_at < _db_time(older_than),
                         m.state.not_in(list(FINAL_STATES)),

@@ -168,3 +168,23 @@ async def test_list_pages_newest_first_with_filters(ledger: Ledger, clock: FakeC
     # since is inclusive, until exclusive.
     assert [m.message_id for m in window.messages] == [ids[5], ids[4]]
     assert len((await ledger.list(page_size=100_000)).messages) == 7
+
+
+async def test_purge_removes_settled_messages_only(ledger: Ledger, clock: FakeClock) -> None:
+    done, _ = await ledger.accept(new("k-done"))
+    await ledger.apply_status(StatusUpdate(state=S.DELIVERY_STATE_READ, message_id=done.message_id))
+    open_, _ = await ledger.accept(new("k-open"))
+    await ledger.apply_status(
+        StatusUpdate(state=S.DELIVERY_STATE_SENT, message_id=open_.message_id)
+    )
+    await ledger.record_status(StatusUpdate(state=S.DELIVERY_STATE_SENT, message_id="never-sent"))
+    clock.advance(days=31)
+    assert await ledger.purge(clock.now - timedelta(days=30)) == 1
+    assert await ledger.purge(clock.now - timedelta(days=30)) == 0
+    assert await ledger.find(done.message_id) is None
+    assert (await ledger.get(open_.message_id)).state == S.DELIVERY_STATE_SENT
+    assert await ledger.purge_pending(clock.now - timedelta(days=30)) == 1
+    assert await ledger.pending_count() == 0
+    # The key is free again.
+    _, created = await ledger.accept(new("k-done"))
+    assert created
