@@ -38,6 +38,7 @@ from sqlalchemy import and_, bindparam, delete, event, false, func, or_, select,
 from sqlalchemy.dialects import postgresql as pg_dialect
 from sqlalchemy.dialects import sqlite as sqlite_dialect
 from sqlalchemy.engine import Row
+from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 
 from gateway.api.v1.command_pb2 import SendMessageCommand
@@ -79,6 +80,9 @@ MAX_PAGE_SIZE = 1000
 
 _MIGRATIONS = Path(__file__).parent / "migrations"
 _READONLY = "ledger_readonly"
+_CONFLICT_RETRIES = 3
+#: PostgreSQL SQLSTATEs of a transaction that lost a lock conflict and can be redone.
+_CONFLICT_STATES = frozenset({"40P01", "40001"})
 
 Clock = Callable[[], datetime]
 
@@ -418,8 +422,17 @@ class Ledger:
         """Apply a batch, then drain what it released. Returns the results, the latest
         record of every message touched (batch and drains), and the event ids of
         pending statuses the drains applied."""
-        async with self._write() as conn:
-            outcome = await _apply_batch(conn, items, _db_time(self.now()))
+        for attempt in range(1, _CONFLICT_RETRIES + 1):
+            try:
+                async with self._write() as conn:
+                    outcome = await _apply_batch(conn, items, _db_time(self.now()))
+                break
+            except DBAPIError as exc:
+                # PostgreSQL may pick this transaction as a deadlock victim when
+                # replicas drain the same pending statuses; it is safe to redo.
+                if attempt == _CONFLICT_RETRIES or not _is_conflict(exc):
+                    raise
+                await asyncio.sleep(0.01 * attempt)
         latest = {a.record.message_id: a.record for a in outcome.results if a.record}
         applied_ids = {i.event_id for i, a in zip(items, outcome.results, strict=True) if a.entries}
         # Statuses waiting for a provider id that is now linked; and statuses
@@ -851,6 +864,12 @@ class Ledger:
 # -- helpers (module level so they are shared by every transaction) ---------
 
 
+def _is_conflict(exc: DBAPIError) -> bool:
+    orig = exc.orig
+    state = getattr(orig, "sqlstate", None) or getattr(orig, "pgcode", None)
+    return state in _CONFLICT_STATES
+
+
 def _run_migrations(connection: SyncConnection) -> None:
     config = AlembicConfig()
     config.set_main_option("script_location", str(_MIGRATIONS))
@@ -1175,9 +1194,13 @@ async def _apply_batch(
         plans.append(("applied", msg, list(range(start, len(entry_rows))), due))
     # Write everything back: a handful of statements whatever the batch size.
     if seen_rows:
+        # Sorted: concurrent transactions take unique-index locks in one order.
+        seen_rows.sort(key=lambda r: str(r["event_id"]))
         await _insert_many_ignore(conn, schema.seen_events, seen_rows)
     if pending_rows:
-        await _insert_many_ignore(conn, schema.pending, list(pending_rows.values()))
+        await _insert_many_ignore(
+            conn, schema.pending, [pending_rows[k] for k in sorted(pending_rows)]
+        )
     seqs: list[int] = []
     if entry_rows:
         result = await conn.execute(

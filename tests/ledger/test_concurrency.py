@@ -8,6 +8,11 @@ import json
 import subprocess
 import sys
 from datetime import timedelta
+from typing import Any
+
+import pytest
+from sqlalchemy.exc import DBAPIError
+from sqlalchemy.ext.asyncio import create_async_engine
 
 from gateway.api.v1.command_pb2 import SendMessageCommand
 from gateway.api.v1.delivery_pb2 import DeliveryState
@@ -15,11 +20,13 @@ from gateway.ledger import (
     FallbackEngine,
     FallbackPolicy,
     FallbackStep,
+    Ledger,
     NewMessage,
     StatusUpdate,
     TimerAction,
+    store,
 )
-from tests.ledger.conftest import Backend, FakeClock
+from tests.ledger.conftest import Backend, FakeClock, asyncpg_url
 
 S = DeliveryState
 
@@ -183,3 +190,37 @@ async def test_two_processes_accepting_the_same_keys(backend: Backend) -> None:
         assert len((await ledger.list(page_size=1000)).messages) == 40
     finally:
         await ledger.close()
+
+
+async def test_a_deadlock_victim_is_redone(
+    ledger: Ledger, postgres_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A genuine PostgreSQL deadlock error, as asyncpg reports it through SQLAlchemy.
+    engine = create_async_engine(asyncpg_url(postgres_url))
+    try:
+        async with engine.connect() as conn:
+            await conn.exec_driver_sql(
+                "DO $$ BEGIN RAISE EXCEPTION 'deadlock detected' USING ERRCODE = '40P01'; END $$"
+            )
+    except DBAPIError as exc:
+        deadlock = exc
+    finally:
+        await engine.dispose()
+    real = store._apply_batch
+    calls = 0
+
+    async def victim_once(*args: Any, **kwargs: Any) -> Any:
+        nonlocal calls
+        calls += 1
+        if calls == 1:
+            raise deadlock
+        return await real(*args, **kwargs)
+
+    record, _ = await ledger.accept(new("k1", "m1"))
+    monkeypatch.setattr(store, "_apply_batch", victim_once)
+    after = await ledger.apply_status(
+        StatusUpdate(state=S.DELIVERY_STATE_SENT, message_id=record.message_id)
+    )
+    assert after is not None
+    assert after.state == S.DELIVERY_STATE_SENT
+    assert calls == 2
