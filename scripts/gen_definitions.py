@@ -1,11 +1,15 @@
 """Generate deploy/rabbitmq/definitions.json from the runtime's topology.
 
-Run: python scripts/gen_definitions.py [--check] [--vhost /] [--delivery-limit N] [--output PATH]
+Run: python scripts/gen_definitions.py [--check] [--vhost /] [--delivery-limit N]
+     [--without-gateway] [--output PATH]
 
 The broker definitions hold exactly what the services declare at start-up
-(``gateway.runtime.topology``): the base exchanges and dead-letter queue, plus
-the quorum command queue of every installed connector (entry-point group
-``gateway.connectors``). A broker that loads them (``load_definitions`` in
+(``gateway.runtime.topology``): the base exchanges and dead-letter queue, the
+quorum command queue of every installed connector (entry-point group
+``gateway.connectors``) and, unless ``--without-gateway``, the gateway
+service's ledger status queue (bound to ``message.status.#``, so statuses are
+kept from the first one even before the gateway first starts; leave it out
+when no gateway consumes it, or it fills up). A broker that loads them (``load_definitions`` in
 rabbitmq.conf, or ``rabbitmqctl import_definitions``) is ready before any
 service starts, and the services' own idempotent declarations then match it
 argument for argument.
@@ -34,19 +38,33 @@ if str(ROOT) not in sys.path:  # run as a script from anywhere
     sys.path.insert(0, str(ROOT))
 
 from gateway.contract import registry  # noqa: E402
+from gateway.ledger.ingest import DEFAULT_QUEUE, STATUS_PATTERN  # noqa: E402
 from gateway.runtime.config import BrokerSettings  # noqa: E402
-from gateway.runtime.topology import Topology, base_topology, command_queue  # noqa: E402
+from gateway.runtime.topology import (  # noqa: E402
+    Topology,
+    base_topology,
+    command_queue,
+    subscription_queue,
+)
 
 DEFAULT_OUTPUT = ROOT / "deploy" / "rabbitmq" / "definitions.json"
 
 
-def runtime_topology(connectors: Sequence[str], delivery_limit: int) -> Topology:
-    """Base topology plus the command queue of each named connector.
+def runtime_topology(
+    connectors: Sequence[str], delivery_limit: int, *, gateway: bool = True
+) -> Topology:
+    """Base topology plus the command queue of each named connector, and the
+    gateway's ledger status queue when ``gateway``.
 
     The same composition as :meth:`gateway.runtime.service.Service.topology`
-    (without a config's subscription queues, which belong to consumers).
+    and the gateway's ``StatusIngestor.topology`` (without a config's
+    subscription queues, which belong to consumers).
     """
     topology = base_topology()
+    if gateway:
+        topology = topology.merge(
+            Topology(queues=(subscription_queue(DEFAULT_QUEUE, (STATUS_PATTERN,), delivery_limit),))
+        )
     for name in connectors:
         spec = registry.load(name)  # a connector that fails to load fails generation
         topology = topology.merge(
@@ -105,11 +123,13 @@ def render(
     vhost: str = "/",
     delivery_limit: int | None = None,
     connectors: Sequence[str] | None = None,
+    gateway: bool = True,
 ) -> str:
     """The definitions file's text for the installed connectors (or ``connectors``)."""
     limit = BrokerSettings().delivery_limit if delivery_limit is None else delivery_limit
     names = registry.available() if connectors is None else list(connectors)
-    return json.dumps(definitions(runtime_topology(names, limit), vhost=vhost), indent=2) + "\n"
+    topology = runtime_topology(names, limit, gateway=gateway)
+    return json.dumps(definitions(topology, vhost=vhost), indent=2) + "\n"
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -125,10 +145,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="x-delivery-limit of command queues (default: broker.delivery_limit's default); "
         "must equal broker.delivery_limit of the services",
     )
+    parser.add_argument(
+        "--without-gateway",
+        action="store_true",
+        help="leave out the gateway service's ledger status queue (no gateway consumes it)",
+    )
     args = parser.parse_args(argv)
     if args.delivery_limit is not None and args.delivery_limit < 1:
         parser.error("--delivery-limit must be at least 1")
-    text = render(vhost=args.vhost, delivery_limit=args.delivery_limit)
+    text = render(
+        vhost=args.vhost, delivery_limit=args.delivery_limit, gateway=not args.without_gateway
+    )
     if args.check:
         try:
             current = args.output.read_text()

@@ -17,7 +17,7 @@ import sys
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 from urllib.parse import quote, urlsplit, urlunsplit
 
 import aio_pika
@@ -27,6 +27,8 @@ from pydantic import BaseModel
 
 from gateway.contract import registry
 from gateway.contract.errors import ConfigError
+from gateway.ledger.ingest import DEFAULT_QUEUE as STATUS_QUEUE
+from gateway.ledger.ingest import StatusIngestor
 from gateway.runtime.amqp_bus import AmqpBus
 from gateway.runtime.codec import encode_event
 from gateway.runtime.config import (
@@ -263,20 +265,29 @@ def test_definitions_are_up_to_date() -> None:
     assert result.returncode == 0, result.stdout + result.stderr
 
 
-def test_definitions_check_fails_on_drift(tmp_path: Path) -> None:
+def _gen_definitions() -> Any:
+    """scripts/gen_definitions.py as a module (scripts/ is not a package)."""
+    sys.path.insert(0, str(GEN_DEFINITIONS.parent))
+    try:
+        import gen_definitions
+    finally:
+        sys.path.remove(str(GEN_DEFINITIONS.parent))
+    return gen_definitions
+
+
+def test_definitions_check_fails_on_drift(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     stale = tmp_path / "definitions.json"
     stale.write_text(
         DEFINITIONS.read_text().replace('"x-delivery-limit": 5', '"x-delivery-limit": 9')
     )
-    result = subprocess.run(
-        [sys.executable, str(GEN_DEFINITIONS), "--check", "--output", str(stale)],
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
-    assert result.returncode == 1
-    assert "out of date" in result.stdout
-    assert '-        "x-delivery-limit": 9,' in result.stdout
+    assert _gen_definitions().main(["--check", "--output", str(stale)]) == 1
+    out = capsys.readouterr().out
+    assert "out of date" in out
+    assert '-        "x-delivery-limit": 9,' in out
+    assert _gen_definitions().main(["--check", "--output", str(tmp_path / "missing.json")]) == 1
+    assert "cannot read" in capsys.readouterr().out
 
 
 def _rabbitmqctl(*args: str) -> subprocess.CompletedProcess[str]:
@@ -312,18 +323,17 @@ async def test_definitions_provision_what_the_runtime_declares(
     """Import the definitions into a fresh vhost of the real broker; commands route to the
     connector queues before any service ran, and the runtime's own declarations (same names,
     same arguments, or RabbitMQ refuses them) succeed on top."""
-    sys.path.insert(0, str(GEN_DEFINITIONS.parent))
-    try:
-        import gen_definitions
-    finally:
-        sys.path.remove(str(GEN_DEFINITIONS.parent))
-
+    gen_definitions = _gen_definitions()
     vhost = f"cg-test-{unique}"
     user = urlsplit(rabbitmq_url).username or "guest"
-    _import_definitions(gen_definitions.render(vhost=vhost))
+    definitions = json.loads(gen_definitions.render(vhost=vhost))
+    # The test's broker user may use the throw-away vhost (imported in the same call).
+    definitions["permissions"] = [
+        {"user": user, "vhost": vhost, "configure": ".*", "write": ".*", "read": ".*"}
+    ]
+    _import_definitions(json.dumps(definitions))
     bus = AmqpBus(_vhost_url(rabbitmq_url, vhost))
     try:
-        _rabbitmqctl("set_permissions", "-p", vhost, user, ".*", ".*", ".*")
         await bus.connect()
         # Routed (mandatory + confirm) only if the imported bindings exist.
         from gateway.api.v1.envelope_pb2 import Event
@@ -333,12 +343,14 @@ async def test_definitions_provision_what_the_runtime_declares(
             channel, provider = name.split(".", 1)
             await bus.publish(COMMANDS_EXCHANGE, f"send.{channel}.{provider}", message, timeout=5)
         await bus.publish(DEAD_EXCHANGE, "anything.at.all", message, timeout=5)
+        await bus.publish(EVENTS_EXCHANGE, "message.status.sms.twilio", message, timeout=5)
         # Each probe landed in the queue the imported bindings route it to.
         connection = await aio_pika.connect(_vhost_url(rabbitmq_url, vhost))
         try:
             channel = await connection.channel()
             for queue_name in (
                 "channels.dead-letters",
+                STATUS_QUEUE,
                 *(f"connector.{name}.send" for name in registry.available()),
             ):
                 queue = await channel.get_queue(queue_name, ensure=True)
@@ -360,6 +372,13 @@ async def test_definitions_provision_what_the_runtime_declares(
             "channels.dead-letters",
             *(f"connector.{name}.send" for name in registry.available()),
         }
+        # The gateway service's status queue, as its ingestor declares it (topology() only
+        # reads the queue name and delivery limit; the ledger is not used).
+        ingestor = StatusIngestor(
+            bus, cast(Any, None), delivery_limit=RuntimeSettings().broker.delivery_limit
+        )
+        assert ingestor.queue == STATUS_QUEUE
+        await bus.declare(ingestor.topology())
         assert {e.name for e in runtime.exchanges} == {
             EVENTS_EXCHANGE,
             COMMANDS_EXCHANGE,
