@@ -1,6 +1,7 @@
 """``channel-gateway``: run services, the end-to-end demo, and ``tail``.
 
 channel-gateway run sms            host every enabled SMS connector
+channel-gateway run sms --workers 2   the same in 2 processes sharing the port
 channel-gateway up                 host every enabled connector in one process
 channel-gateway demo               real traffic end to end (see gateway/demo.py)
 channel-gateway tail 'message.#'   print events live
@@ -15,8 +16,12 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import multiprocessing
+import signal
 import sys
 from collections.abc import Sequence
+from multiprocessing.connection import wait
+from types import FrameType
 
 from google.protobuf.json_format import MessageToDict
 
@@ -25,7 +30,7 @@ from gateway.contract.connector import ConnectorSpec
 from gateway.display import render
 from gateway.runtime.bus import BrokerUnavailableError, Delivery
 from gateway.runtime.codec import decode_event
-from gateway.runtime.config import load_config
+from gateway.runtime.config import RuntimeSettings, load_config
 from gateway.runtime.service import Service, enabled_connectors, open_bus
 from gateway.runtime.telemetry import configure_logging
 from gateway.runtime.topology import EVENTS_EXCHANGE, base_topology
@@ -34,9 +39,74 @@ from gateway.runtime.topology import EVENTS_EXCHANGE, base_topology
 def _run(args: argparse.Namespace, selectors: Sequence[str]) -> int:
     settings = load_config(args.config)
     configure_logging(settings.telemetry.log_level, settings.telemetry.log_format)
-    service = Service(settings, enabled_connectors(settings, selectors))
-    asyncio.run(service.run())
-    return 0
+    names = enabled_connectors(settings, selectors)
+    if args.workers < 1:
+        raise ConfigError(f"--workers must be at least 1, got {args.workers}")
+    if args.workers == 1:
+        asyncio.run(Service(settings, names).run())
+        return 0
+    if settings.http.port == 0:
+        # Each process would get its own random port: nothing to share.
+        raise ConfigError("--workers > 1 needs a fixed http.port (the workers share it)")
+    return _supervise(settings, names, args.workers)
+
+
+def _worker(settings: RuntimeSettings, names: list[str]) -> None:
+    """One worker process of ``run --workers N`` (started with multiprocessing spawn)."""
+    configure_logging(settings.telemetry.log_level, settings.telemetry.log_format)
+    try:
+        asyncio.run(Service(settings, names, reuse_port=True).run())
+    except (ConfigError, BrokerUnavailableError) as exc:
+        print(f"channel-gateway worker: {exc}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:  # SIGINT before the service installed its handler
+        sys.exit(130)
+
+
+def _supervise(settings: RuntimeSettings, names: list[str], workers: int) -> int:
+    """Run ``workers`` service processes on one port (SO_REUSEPORT) until SIGTERM/SIGINT.
+
+    SIGTERM/SIGINT are passed on and each worker drains like a single process.
+    A worker that dies takes the others down, so a supervisor above (systemd,
+    Kubernetes) sees the failure and restarts the whole set.
+    """
+    ctx = multiprocessing.get_context("spawn")
+    procs = [
+        ctx.Process(target=_worker, args=(settings, names), name=f"worker-{i}", daemon=False)
+        for i in range(workers)
+    ]
+    stopping = False
+
+    def forward(signum: int, _: FrameType | None) -> None:
+        nonlocal stopping
+        stopping = True
+        for proc in procs:
+            if proc.is_alive() and proc.pid is not None:
+                proc.terminate()  # SIGTERM: a graceful drain in the worker
+
+    previous = {sig: signal.signal(sig, forward) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        for proc in procs:
+            proc.start()
+        running = list(procs)
+        while running:
+            ended = wait([p.sentinel for p in running])
+            running = [p for p in running if p.sentinel not in ended]
+            for proc in procs:
+                if proc.exitcode not in (None, 0) and not stopping:
+                    print(
+                        f"channel-gateway: {proc.name} exited with {proc.exitcode}; "
+                        "stopping the other workers",
+                        file=sys.stderr,
+                    )
+                    forward(signal.SIGTERM, None)
+        for proc in procs:
+            proc.join()
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    codes = [abs(p.exitcode or 0) for p in procs]
+    return max(codes) if any(codes) else 0
 
 
 async def _tail(broker_url: str, patterns: Sequence[str], count: int, as_json: bool) -> int:
@@ -197,7 +267,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     run = sub.add_parser("run", help="host the connectors of one or more channels or names")
     run.add_argument("selectors", nargs="+", help="channel (sms) or connector name (sms.twilio)")
-    sub.add_parser("up", help="host every enabled connector in one process (development)")
+    run.add_argument(
+        "--workers",
+        type=int,
+        default=1,
+        help="service processes sharing http.port with SO_REUSEPORT (default 1; more than "
+        "one needs a fixed port, and a shared dedup store (redis://) to dedupe across them)",
+    )
+    up = sub.add_parser("up", help="host every enabled connector in one process (development)")
+    up.set_defaults(workers=1)
     demo = sub.add_parser(
         "demo", help="run real traffic end to end and print the normalized events"
     )

@@ -12,18 +12,20 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+from collections import deque
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, cast
 
 import aio_pika
 import aiormq
 from aio_pika.abc import (
-    AbstractExchange,
     AbstractIncomingMessage,
     AbstractQueue,
     AbstractRobustChannel,
     AbstractRobustConnection,
 )
+from aiormq import spec
+from pamqp.common import FieldTable
 
 from gateway.contract.errors import BadRequestError, PermanentError
 from gateway.runtime.bus import (
@@ -47,6 +49,10 @@ _CONNECTION_ERRORS = (
     aiormq.exceptions.ChannelClosed,
     RuntimeError,  # aiormq raises it when writing to a closed transport
 )
+
+
+#: How long cancelling a consumer may take before shutdown goes on without it.
+_CANCEL_TIMEOUT = 5.0
 
 
 def _delivery_count(value: object) -> int:
@@ -128,9 +134,13 @@ class AmqpSubscription:
 
     async def cancel(self) -> None:
         """Stop consuming, let handlers finish; unacked messages are requeued on close."""
-        if self._queue is not None and self._tag is not None:
-            with contextlib.suppress(*_CONNECTION_ERRORS):
-                await self._queue.cancel(self._tag)
+        # With the connection down (broker outage, or closed first) a robust
+        # channel's cancel would wait for a reconnect forever: skip it then, and
+        # bound it otherwise. The broker requeues unacked messages either way.
+        if self._queue is not None and self._tag is not None and not self._channel.is_closed:
+            with contextlib.suppress(*_CONNECTION_ERRORS, TimeoutError):
+                async with asyncio.timeout(_CANCEL_TIMEOUT):
+                    await self._queue.cancel(self._tag)
         if self._inflight:
             await asyncio.gather(*list(self._inflight), return_exceptions=True)
 
@@ -144,10 +154,10 @@ class AmqpBus:
         self._pub_conn: AbstractRobustConnection | None = None
         self._sub_conn: AbstractRobustConnection | None = None
         self._pub_channel: AbstractRobustChannel | None = None
-        self._exchanges: dict[str, AbstractExchange] = {}
         # aio-pika attributes returns by message_id: two concurrent publishes
-        # with one id on a channel could be confused, so they are serialized.
-        self._inflight_ids: dict[str, asyncio.Event] = {}
+        # with one id on a channel could be confused, so they are serialized
+        # (id -> waiters for their turn, None while nobody waits).
+        self._inflight_ids: dict[str, deque[asyncio.Future[None]] | None] = {}
 
     async def connect(self) -> None:
         try:
@@ -174,7 +184,6 @@ class AmqpBus:
                 with contextlib.suppress(*_CONNECTION_ERRORS):
                     await conn.close()
         self._pub_conn = self._sub_conn = self._pub_channel = None
-        self._exchanges.clear()
 
     def is_ready(self) -> bool:
         return (
@@ -200,48 +209,75 @@ class AmqpBus:
                 for binding in queue.bindings:
                     await declared.bind(binding.exchange, routing_key=binding.routing_key)
 
-    async def _exchange(self, name: str) -> AbstractExchange:
-        exchange = self._exchanges.get(name)
-        if exchange is None:
-            if self._pub_channel is None:
-                raise BrokerUnavailableError("not connected")
-            exchange = await self._pub_channel.get_exchange(name, ensure=False)
-            self._exchanges[name] = exchange
-        return exchange
-
     async def publish(
         self, exchange: str, routing_key: str, message: OutgoingMessage, *, timeout: float
     ) -> None:
-        if not self.is_ready():
+        channel = self._pub_channel
+        if channel is None or channel.is_closed or not self.is_ready():
             raise BrokerUnavailableError("no open publish channel to RabbitMQ")
-        while (busy := self._inflight_ids.get(message.message_id)) is not None:
-            await busy.wait()
-        done = self._inflight_ids[message.message_id] = asyncio.Event()
-        amqp_message = aio_pika.Message(
-            message.body,
-            headers=dict(message.headers),
+        message_id = message.message_id
+        if message_id in self._inflight_ids:
+            await self._wait_turn(message_id)
+        else:
+            self._inflight_ids[message_id] = None
+        # Straight to aiormq (what aio-pika's Exchange.publish does underneath),
+        # without building an aio-pika Message and Exchange per publish: this is
+        # the hot path of every webhook. Same frames, same confirm and return
+        # handling (the channel was opened with on_return_raises).
+        properties = spec.Basic.Properties(
             content_type=message.content_type,
-            delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
-            message_id=message.message_id,
-            type=message.type,
+            delivery_mode=2,  # persistent
+            headers=cast(FieldTable, dict(message.headers)),
+            message_id=message_id,
+            message_type=message.type,
             timestamp=message.timestamp,
             correlation_id=message.correlation_id,
         )
         try:
             async with asyncio.timeout(timeout):
-                target = await self._exchange(exchange)
-                await target.publish(amqp_message, routing_key, mandatory=True, timeout=timeout)
-        except aio_pika.exceptions.PublishError as exc:
+                underlay = await channel.get_underlay_channel()
+                await underlay.basic_publish(
+                    message.body,
+                    exchange=exchange,
+                    routing_key=routing_key,
+                    properties=properties,
+                    mandatory=True,
+                )
+        except aiormq.exceptions.PublishError as exc:
             raise UnroutableError(f"unroutable: {exchange}/{routing_key}") from exc
-        except aio_pika.exceptions.DeliveryError as exc:
+        except aiormq.exceptions.DeliveryError as exc:
             raise PublishError(f"broker nacked publish to {exchange}/{routing_key}") from exc
         except TimeoutError as exc:
             raise PublishTimeoutError(f"no confirm within {timeout}s") from exc
         except _CONNECTION_ERRORS as exc:
             raise BrokerUnavailableError(f"publish failed: {exc!r}") from exc
         finally:
-            del self._inflight_ids[message.message_id]
-            done.set()
+            self._next_turn(message_id)
+
+    async def _wait_turn(self, message_id: str) -> None:
+        # Only a publish that finds its id in flight pays for a waiter.
+        waiters = self._inflight_ids[message_id]
+        if waiters is None:
+            waiters = self._inflight_ids[message_id] = deque()
+        turn = asyncio.get_running_loop().create_future()
+        waiters.append(turn)
+        try:
+            await turn
+        except asyncio.CancelledError:
+            if turn.done() and not turn.cancelled():
+                self._next_turn(message_id)  # it was our turn: pass it on
+            elif turn in waiters:
+                waiters.remove(turn)
+            raise
+
+    def _next_turn(self, message_id: str) -> None:
+        waiters = self._inflight_ids.get(message_id)
+        while waiters:
+            turn = waiters.popleft()
+            if not turn.done():
+                turn.set_result(None)  # the id stays in flight, now theirs
+                return
+        del self._inflight_ids[message_id]
 
     async def declare_temporary_queue(self, exchange: str, patterns: Sequence[str]) -> str:
         if self._sub_conn is None:

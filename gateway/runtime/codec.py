@@ -32,22 +32,33 @@ def event_routing_key(event: Event) -> str:
     return f"{event.type}.{event.channel}.{event.provider}"
 
 
+# The header names, built once (they are written on every message).
+_CE_SPECVERSION = f"{CE_PREFIX}specversion"
+_CE_ID = f"{CE_PREFIX}id"
+_CE_SOURCE = f"{CE_PREFIX}source"
+_CE_TYPE = f"{CE_PREFIX}type"
+_CE_DATACONTENTTYPE = f"{CE_PREFIX}datacontenttype"
+_CE_TIME = f"{CE_PREFIX}time"
+_CE_CORRELATIONID = f"{CE_PREFIX}correlationid"
+_CE_SEQUENCE = f"{CE_PREFIX}sequence"
+
+
 def _ce_headers(
     *, id: str, source: str, type: str, time: datetime | None, correlation_id: str, sequence: int
 ) -> dict[str, HeaderValue]:
     headers: dict[str, HeaderValue] = {
-        f"{CE_PREFIX}specversion": "1.0",
-        f"{CE_PREFIX}id": id,
-        f"{CE_PREFIX}source": source,
-        f"{CE_PREFIX}type": CE_TYPE_PREFIX + type,
-        f"{CE_PREFIX}datacontenttype": CONTENT_TYPE,
+        _CE_SPECVERSION: "1.0",
+        _CE_ID: id,
+        _CE_SOURCE: source,
+        _CE_TYPE: CE_TYPE_PREFIX + type,
+        _CE_DATACONTENTTYPE: CONTENT_TYPE,
     }
     if time is not None:
-        headers[f"{CE_PREFIX}time"] = time.isoformat().replace("+00:00", "Z")
+        headers[_CE_TIME] = time.isoformat().replace("+00:00", "Z")
     if correlation_id:
-        headers[f"{CE_PREFIX}correlationid"] = correlation_id
+        headers[_CE_CORRELATIONID] = correlation_id
     if sequence:
-        headers[f"{CE_PREFIX}sequence"] = str(sequence)
+        headers[_CE_SEQUENCE] = str(sequence)
     return headers
 
 

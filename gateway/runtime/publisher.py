@@ -14,6 +14,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from opentelemetry.trace import SpanKind
+from prometheus_client import Counter
 
 from gateway.api.v1.envelope_pb2 import Event
 from gateway.contract.errors import TransientError
@@ -56,6 +57,9 @@ class EventPublisher:
     ) -> None:
         self._bus, self._store, self._connector = bus, store, connector
         self._timeout, self._pending_wait = publish_timeout, pending_wait
+        # Labelled metric children, looked up once rather than per event.
+        self._published: dict[str, Counter] = {}
+        self._duplicates = DUPLICATES.labels(connector)
 
     async def publish(self, event: Event) -> None:
         """Publish one event and wait for the broker's confirm (no dedup)."""
@@ -77,15 +81,33 @@ class EventPublisher:
             started = time.perf_counter()
             await self._bus.publish(EVENTS_EXCHANGE, routing_key, message, timeout=self._timeout)
             PUBLISH_SECONDS.observe(time.perf_counter() - started)
-        EVENTS_PUBLISHED.labels(self._connector, event.type).inc()
+        counter = self._published.get(event.type)
+        if counter is None:
+            counter = self._published[event.type] = EVENTS_PUBLISHED.labels(
+                self._connector, event.type
+            )
+        counter.inc()
 
-    async def _claim(self, key: str, ttl: float) -> ClaimState:
+    async def _claim(self, key: str) -> ClaimState:
+        claim = await self._store.claim(key, ttl=_PENDING_TTL)
+        if claim.state is not ClaimState.PENDING or not self._pending_wait:
+            return claim.state
+        # A concurrent copy of this request is publishing: wait a little for it.
         deadline = time.monotonic() + self._pending_wait
-        while True:
-            claim = await self._store.claim(key, ttl=_PENDING_TTL)
-            if claim.state is not ClaimState.PENDING or time.monotonic() >= deadline:
-                return claim.state
+        while claim.state is ClaimState.PENDING and time.monotonic() < deadline:
             await asyncio.sleep(_POLL)
+            claim = await self._store.claim(key, ttl=_PENDING_TTL)
+        return claim.state
+
+    async def _publish_claimed(self, event: Event, dedup_ttl: float) -> None:
+        """Publish an event we hold the claim of; complete the claim, or release it."""
+        try:
+            await self.publish(event)
+        except BaseException:
+            # Cancelled or failed: no claim may stay behind, the retry must re-emit.
+            await self._store.release(event.id)
+            raise
+        await self._store.complete(event.id, "1", ttl=dedup_ttl)
 
     async def publish_inbound(self, events: Sequence[Event], *, dedup_ttl: float) -> InboundOutcome:
         """Publish every event not seen before; raise unless all are confirmed.
@@ -93,28 +115,37 @@ class EventPublisher:
         Raises :class:`TransientError` (a publish failed, or a concurrent copy
         of the same request is still in flight); the caller answers non-2xx.
         """
+        if len(events) == 1:
+            # The common case (one webhook, one event), without tasks or lists.
+            event = events[0]
+            state = await self._claim(event.id)
+            if state is ClaimState.DONE:
+                self._duplicates.inc()
+                return InboundOutcome(published=0, duplicates=1)
+            if state is ClaimState.PENDING:
+                raise ConcurrentDeliveryError("1 event(s) are being published by another request")
+            try:
+                await self._publish_claimed(event, dedup_ttl)
+            except TransientError:
+                raise
+            except Exception as exc:
+                raise TransientError(f"publish failed: {exc!r}") from exc
+            return InboundOutcome(published=1, duplicates=0)
         unique = list({e.id: e for e in events}.values())
         if not unique:
             return InboundOutcome(published=0, duplicates=0)
-        if len(unique) == 1:
-            states = [await self._claim(unique[0].id, dedup_ttl)]
-        else:
-            states = list(await asyncio.gather(*(self._claim(e.id, dedup_ttl) for e in unique)))
+        states = list(await asyncio.gather(*(self._claim(e.id) for e in unique)))
         fresh = [e for e, s in zip(unique, states, strict=True) if s is ClaimState.NEW]
         duplicates = sum(s is ClaimState.DONE for s in states)
         in_flight = sum(s is ClaimState.PENDING for s in states)
         if duplicates:
-            DUPLICATES.labels(self._connector).inc(duplicates)
+            self._duplicates.inc(duplicates)
         results: list[BaseException | None] = list(
-            await asyncio.gather(*(self.publish(e) for e in fresh), return_exceptions=True)
+            await asyncio.gather(
+                *(self._publish_claimed(e, dedup_ttl) for e in fresh), return_exceptions=True
+            )
         )
-        failures: list[BaseException] = []
-        for event, result in zip(fresh, results, strict=True):
-            if result is None:
-                await self._store.complete(event.id, "1", ttl=dedup_ttl)
-            else:
-                await self._store.release(event.id)
-                failures.append(result)
+        failures = [r for r in results if r is not None]
         if failures:
             first = failures[0]
             if isinstance(first, TransientError):

@@ -94,8 +94,12 @@ class Service:
         bus: Bus | None = None,
         store: IdempotencyStore | None = None,
         environ: Mapping[str, str] | None = None,
+        reuse_port: bool = False,
     ) -> None:
         self.settings = settings
+        #: Bind with SO_REUSEPORT so several worker processes share the port
+        #: (the kernel spreads connections across them).
+        self.reuse_port = reuse_port
         self.names = list(connectors)
         if not self.names:
             raise ConfigError("no connector enabled: add one under connectors: in the config")
@@ -199,7 +203,11 @@ class Service:
         self._runner = web.AppRunner(app, access_log=None, handle_signals=False)
         await self._runner.setup()
         self._site = web.TCPSite(
-            self._runner, self.settings.http.host, self.settings.http.port, reuse_address=True
+            self._runner,
+            self.settings.http.host,
+            self.settings.http.port,
+            reuse_address=True,
+            reuse_port=self.reuse_port or None,
         )
         await self._site.start()
         self.port = self._bound_port()

@@ -11,11 +11,13 @@ from __future__ import annotations
 import logging
 import re
 import sys
-from collections.abc import MutableMapping
+from collections.abc import Iterator, MutableMapping, Sequence
 from typing import Any
 
 import structlog
+from multidict import CIMultiDict, CIMultiDictProxy
 from opentelemetry import propagate, trace
+from opentelemetry.context import Context
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import (
@@ -24,6 +26,9 @@ from opentelemetry.sdk.trace.export import (
     SimpleSpanProcessor,
     SpanExporter,
 )
+from opentelemetry.sdk.trace.sampling import Decision
+from opentelemetry.util._decorator import _agnosticcontextmanager
+from opentelemetry.util.types import Attributes
 from prometheus_client import Counter, Histogram
 
 from gateway.contract.addresses import mask_email, mask_phone
@@ -138,9 +143,98 @@ def ensure_tracing(service_name: str, *, otlp_endpoint: str | None, console: boo
         configure_tracing(service_name, otlp_endpoint=otlp_endpoint, console=console)
 
 
+class _UnexportedTracer(trace.Tracer):
+    """Span contexts without span records, for a provider that exports nothing.
+
+    With no span processor on the SDK provider, a recorded span is built and
+    thrown away: a measurable share of a webhook's CPU. This tracer gives the
+    same span context the SDK would (trace id inherited or new, a new span id,
+    the provider's sampler deciding the flags), so ``traceparent`` headers and
+    the trace ids in log lines are unchanged, but records nothing. As soon as
+    a processor is added to the provider, :func:`tracer` hands out the real
+    SDK tracer again.
+    """
+
+    def __init__(self, provider: TracerProvider) -> None:
+        self._sampler = provider.sampler
+        self._ids = provider.id_generator
+
+    def start_span(
+        self,
+        name: str,
+        context: Context | None = None,
+        kind: trace.SpanKind = trace.SpanKind.INTERNAL,
+        attributes: Attributes = None,
+        links: Sequence[trace.Link] | None = None,
+        start_time: int | None = None,
+        record_exception: bool = True,
+        set_status_on_exception: bool = True,
+    ) -> trace.Span:
+        parent = trace.get_current_span(context).get_span_context()
+        if parent.is_valid:
+            trace_id, random_id = parent.trace_id, parent.trace_flags.random_trace_id
+        else:
+            trace_id, random_id = self._ids.generate_trace_id(), self._ids.is_trace_id_random()
+        result = self._sampler.should_sample(context, trace_id, name, kind, attributes, links)
+        sampled = result.decision is Decision.RECORD_AND_SAMPLE
+        flags = trace.TraceFlags.SAMPLED if sampled else trace.TraceFlags.DEFAULT
+        if random_id:
+            flags |= trace.TraceFlags.RANDOM_TRACE_ID
+        return trace.NonRecordingSpan(
+            trace.SpanContext(
+                trace_id,
+                self._ids.generate_span_id(),
+                is_remote=False,
+                trace_flags=trace.TraceFlags(flags),
+                trace_state=result.trace_state,
+            )
+        )
+
+    @_agnosticcontextmanager
+    def start_as_current_span(
+        self,
+        name: str,
+        context: Context | None = None,
+        kind: trace.SpanKind = trace.SpanKind.INTERNAL,
+        attributes: Attributes = None,
+        links: Sequence[trace.Link] | None = None,
+        start_time: int | None = None,
+        record_exception: bool = True,
+        set_status_on_exception: bool = True,
+        end_on_exit: bool = True,
+    ) -> Iterator[trace.Span]:
+        span = self.start_span(name, context, kind, attributes, links)
+        with trace.use_span(span, end_on_exit=end_on_exit) as current:
+            yield current
+
+
+_tracer_cache: tuple[trace.TracerProvider, trace.Tracer, trace.Tracer | None] | None = None
+
+
+def _exports_nothing(provider: TracerProvider) -> bool:
+    # The SDK keeps its processors in a private tuple; if that ever changes,
+    # assume they exist (the real tracer is always correct, only slower).
+    multi = getattr(provider, "_active_span_processor", None)
+    return getattr(multi, "_span_processors", None) == ()
+
+
 def tracer() -> trace.Tracer:
-    """The gateway's tracer."""
-    return trace.get_tracer("channel-gateway")
+    """The gateway's tracer (of the tracer provider installed now).
+
+    ``trace.get_tracer`` builds a new Tracer on every call, a measurable share
+    of a webhook's CPU, so tracers are kept until the global provider changes;
+    while the SDK provider exports nothing, spans are contexts only (see
+    :class:`_UnexportedTracer`).
+    """
+    global _tracer_cache
+    provider = trace.get_tracer_provider()
+    cached = _tracer_cache
+    if cached is None or cached[0] is not provider:
+        unexported = _UnexportedTracer(provider) if isinstance(provider, TracerProvider) else None
+        cached = _tracer_cache = (provider, provider.get_tracer("channel-gateway"), unexported)
+    if cached[2] is not None and _exports_nothing(provider):  # type: ignore[arg-type]
+        return cached[2]
+    return cached[1]
 
 
 def inject_trace_headers(headers: dict[str, Any]) -> None:
@@ -150,6 +244,9 @@ def inject_trace_headers(headers: dict[str, Any]) -> None:
 
 def extract_trace_context(headers: Any) -> Any:
     """The trace context carried by message or HTTP headers."""
+    if isinstance(headers, CIMultiDictProxy | CIMultiDict):
+        # HTTP headers: every value is a str, and the lookup is case-insensitive.
+        return propagate.extract(headers)
     return propagate.extract({k: v for k, v in headers.items() if isinstance(v, str)})
 
 

@@ -1,0 +1,1 @@
+"""Benchmarks: commands that measure the gateway and write their figures to results/."""
