@@ -45,6 +45,7 @@ from gateway.runtime.ingress import build_app
 from gateway.runtime.memory_bus import InMemoryBus
 from gateway.runtime.service import Service
 from gateway.runtime.topology import COMMANDS_EXCHANGE, DEAD_EXCHANGE, EVENTS_EXCHANGE
+from gateway.server.settings import GatewaySettings, gateway_settings
 
 ROOT = Path(__file__).resolve().parent.parent
 DEPLOY = ROOT / "deploy"
@@ -173,12 +174,15 @@ def test_example_config_lists_every_key_with_its_default(example_raw: dict[str, 
         "telemetry": TelemetrySettings,
         "send": SendSettings,
     }
-    documented = {*sections, "subscriptions", "connectors"}
-    assert set(example_raw) == documented
-    assert documented <= _keys_of(RuntimeSettings)
+    assert set(example_raw) == _keys_of(RuntimeSettings)
     for name, model in sections.items():
         assert set(example_raw[name]) == _keys_of(model), name
         assert model.model_validate(example_raw[name]) == model(), name
+    # The gateway section: every key, defaults except the provider choice the example needs.
+    gateway = gateway_settings(load_config(EXAMPLE, environ={}))
+    assert set(example_raw["gateway"]) == _keys_of(GatewaySettings)
+    assert gateway.model_copy(update={"default_providers": {}}) == GatewaySettings()
+    assert gateway.default_providers == {"sms": "twilio"}
     for name, section in example_raw["connectors"].items():
         spec = registry.load(name)
         assert set(section) - {"enabled"} == _keys_of(spec.settings), name
