@@ -10,15 +10,21 @@ For each command:
    (SENT/QUEUED with the provider id, or FAILED) with confirms, then ack.
 
 A redelivered command whose ledger record is done re-publishes the recorded
-status (same deterministic event id) instead of sending again. One whose
-record is still pending was interrupted mid-call: unless the provider takes
-an idempotency key the outcome is unknown, so it ends FAILED with reason
-``ambiguous_send`` rather than risk a duplicate send.
+status (same deterministic event id) instead of sending again. While a worker
+sends, it keeps a short lease alive beside its claim: a copy of the command that
+finds the claim pending and the lease alive is being sent elsewhere right now,
+so it waits for that outcome. A pending claim with no live lease was
+interrupted mid-call: unless the provider takes an idempotency key the outcome
+is unknown, so it ends FAILED with reason ``ambiguous_send`` rather than risk a
+duplicate send.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from datetime import UTC, datetime
 
 from google.protobuf.timestamp_pb2 import Timestamp
@@ -44,7 +50,7 @@ from gateway.contract.ids import inbound_event_id
 from gateway.runtime.bus import Delivery
 from gateway.runtime.codec import decode_command
 from gateway.runtime.config import SendSettings
-from gateway.runtime.idempotency import ClaimState, IdempotencyStore
+from gateway.runtime.idempotency import Claim, ClaimState, IdempotencyStore
 from gateway.runtime.publisher import EventPublisher
 from gateway.runtime.telemetry import (
     SEND_RETRIES,
@@ -55,6 +61,12 @@ from gateway.runtime.telemetry import (
 )
 
 log = get_logger("gateway.outbound")
+
+#: How long a sender's lease outlives its last renewal. A crashed sender's
+#: redelivered command waits at most this long before it is called ambiguous.
+SEND_LEASE_SECONDS = 10.0
+#: How often a waiting copy of a command looks for the other sender's outcome.
+_POLL_SECONDS = 0.1
 
 
 def status_event(
@@ -168,10 +180,48 @@ class CommandWorker:
         ):
             await self._process(command)
 
+    @asynccontextmanager
+    async def _lease(self, key: str) -> AsyncIterator[None]:
+        """Tell concurrent copies of this command that a live worker is sending it."""
+        lease_key = f"lease:{key}"
+
+        async def renew() -> None:
+            while True:
+                await self._ledger.complete(lease_key, "alive", ttl=SEND_LEASE_SECONDS)
+                await asyncio.sleep(SEND_LEASE_SECONDS / 3)
+
+        renewer = asyncio.create_task(renew(), name=f"lease {key}")
+        try:
+            yield
+        finally:
+            # The lease is left to expire: the claim is complete by the time a
+            # waiter could look at the lease again.
+            renewer.cancel()
+
+    async def _await_other_sender(self, key: str) -> Claim:
+        """A copy of this command is pending: wait while its sender is alive.
+
+        Returns the claim once it is done, or still pending once no live
+        sender holds the lease (it crashed mid-call).
+        """
+        lease_key = f"lease:{key}"
+        while True:
+            claim = await self._ledger.claim(key, ttl=self._settings.record_ttl)
+            if claim.state is not ClaimState.PENDING:
+                return claim
+            lease = await self._ledger.claim(lease_key, ttl=SEND_LEASE_SECONDS)
+            if lease.state is ClaimState.NEW:
+                # Nobody renews the lease: the sender is gone. Re-read the claim
+                # in case it finished between the two reads.
+                return await self._ledger.claim(key, ttl=self._settings.record_ttl)
+            await asyncio.sleep(_POLL_SECONDS)
+
     async def _process(self, command: SendMessageCommand) -> None:
         key = f"send:{self._spec.name}:{command.message_id}:{command.attempt or 1}"
         ttl = self._settings.record_ttl
         claim = await self._ledger.claim(key, ttl=ttl)
+        if claim.state is ClaimState.PENDING:
+            claim = await self._await_other_sender(key)
         if claim.state is ClaimState.DONE and claim.value is not None:
             record = json.loads(claim.value)
             status = DeliveryStatus()
@@ -207,7 +257,8 @@ class CommandWorker:
             await self._finish(command, key, account=command.account, status=status)
             return
         try:
-            result = await self._send_with_retries(command)
+            async with self._lease(key):
+                result = await self._send_with_retries(command)
         except PermanentError as exc:
             status = _failed(exc, permanent=True)
         except AmbiguousSendError as exc:
