@@ -3,18 +3,35 @@
 Public interface (used by the gRPC server in ``gateway/server``)::
 
     ledger = open_ledger("sqlite+aiosqlite:///channel-gateway.db")  # or postgresql+asyncpg://
-    await ledger.migrate()
-    record, created = await ledger.accept(NewMessage(idempotency_key=..., channel=..., ...))
+    await ledger.migrate()                                          # alembic, idempotent
+    record, created = await ledger.accept(NewMessage(idempotency_key=..., channel=...,
+                                                     command=cmd.SerializeToString(), ...))
     if created or not record.dispatched:
-        ...publish the SendMessageCommand...
+        ...publish the SendMessageCommand (ledger.command_for(id, attempt) rebuilds it)...
         await ledger.mark_dispatched(record.message_id, record.attempt)
-    record = await ledger.get(message_id)            # with .timeline (ordered StatusEntry)
+    record = await ledger.get(message_id)            # .timeline: ordered StatusEntry
     page = await ledger.list(ListFilter(conversation_id=...), page_size=50, page_token="")
     await ledger.close()
 
-Statuses reach the ledger through :class:`StatusIngestor` (``message.status.#``
-on the bus) or :meth:`Ledger.apply_status`; :class:`FallbackEngine` runs the
-persisted fallback timers and publishes the next step's command.
+Errors: :class:`IdempotencyConflictError` (key reused for another request),
+:class:`MessageNotFoundError` (``get``), :class:`InvalidPageTokenError` and
+``ValueError`` (bad list arguments); database outages surface as SQLAlchemy
+errors.
+
+In the gateway process, statuses reach the ledger through
+:class:`StatusIngestor` (``message.status.#`` on the bus, group commit, ack
+after commit) and :class:`FallbackEngine` runs the persisted fallback timers,
+publishing the next step's command with :func:`bus_command_publisher`. Both
+take an ``emit`` callback for the ledger's own status events
+(:func:`notice_event`: SWITCHING_CHANNEL, the final ``fallback_exhausted`` /
+``fallback_ttl_expired`` status, and late deliveries marked with
+``attributes["gateway.late_delivery"] = "true"``).
+
+The contract has no dedicated state for "no channel left" or "late delivery":
+the ledger uses FAILED with reason code ``fallback_exhausted``, and a
+``LATE_DELIVERY`` timeline entry (reason code ``late_delivery``).
+
+``python -m gateway.ledger.bench`` measures the ledger on SQLite or PostgreSQL.
 """
 
 from gateway.ledger.fallback import FallbackEngine, bus_command_publisher, notice_event
