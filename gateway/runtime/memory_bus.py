@@ -165,7 +165,10 @@ class InMemoryBus:
         """Put a failed delivery back, or dead-letter it past the delivery limit."""
         count = entry.delivery_count + 1
         limit = queue.spec.delivery_limit
-        if limit is not None and count >= limit:
+        # As on RabbitMQ quorum queues: a message is dead-lettered once its
+        # failed deliveries exceed the limit (the first delivery plus `limit`
+        # redeliveries), checked against RabbitMQ 3.10 in tests/integration.
+        if limit is not None and count > limit:
             self.dead_letter(entry, reason="delivery_limit")
         else:
             queue.items.put_nowait(replace(entry, delivery_count=count))

@@ -106,7 +106,7 @@ async def test_delivery_limit_dead_letters_a_poison_message(bus: InMemoryBus) ->
     await bus.publish(COMMANDS_EXCHANGE, "send.sms.fake", _msg(), timeout=1)
     dead = await bus.get(DEAD_LETTER_QUEUE, timeout=2)
     await sub.cancel()
-    assert attempts == [0, 1, 2]  # delivery limit 3
+    assert attempts == [0, 1, 2, 3]  # delivery limit 3: first delivery + 3 redeliveries
     assert dead.exchange == DEAD_EXCHANGE
     assert dead.routing_key == "send.sms.fake"
     assert dead.headers["x-first-death-reason"] == "delivery_limit"

@@ -1,0 +1,215 @@
+"""AmqpBus on the real RabbitMQ: topology, confirms, returns, acks, dead letters."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+
+import aio_pika
+import aiormq
+import pytest
+
+from gateway.contract.errors import BadRequestError, PermanentError
+from gateway.runtime.amqp_bus import AmqpBus
+from gateway.runtime.bus import (
+    BrokerUnavailableError,
+    Delivery,
+    OutgoingMessage,
+    UnroutableError,
+)
+from gateway.runtime.topology import (
+    COMMANDS_EXCHANGE,
+    DEAD_LETTER_QUEUE,
+    EVENTS_EXCHANGE,
+    Topology,
+    base_topology,
+    command_queue,
+    subscription_queue,
+)
+from gateway.testing.rabbitmq_node import free_port
+from tests.integration.conftest import Vhost
+
+pytestmark = pytest.mark.rabbitmq
+
+QUEUE = "connector.sms.fake.send"
+
+
+def _topology(limit: int = 5) -> Topology:
+    return base_topology().merge(
+        Topology(
+            queues=(
+                command_queue("sms", "fake", limit),
+                subscription_queue("crm.inbound", ["message.received.#"], limit),
+            )
+        )
+    )
+
+
+def _msg(n: int = 1, **headers: str) -> OutgoingMessage:
+    return OutgoingMessage(
+        body=b"body-%d" % n, message_id=f"m{n}", type="test.Type", headers=dict(headers)
+    )
+
+
+@pytest.fixture
+async def bus(vhost: Vhost) -> AsyncIterator[AmqpBus]:
+    bus = AmqpBus(vhost.url, connect_timeout=5)
+    await bus.connect()
+    try:
+        yield bus
+    finally:
+        await bus.close()
+
+
+async def test_declares_topology_idempotently_with_the_declared_arguments(
+    bus: AmqpBus, vhost: Vhost, vhost_connection: aio_pika.abc.AbstractConnection
+) -> None:
+    await bus.declare(_topology())
+    await bus.declare(_topology())  # a second service start declares the same: no error
+    queues = vhost.queue_arguments()
+    assert queues[QUEUE] == {
+        "x-queue-type": "quorum",
+        "x-delivery-limit": 5,
+        "x-dead-letter-exchange": "channels.dead",
+        "x-dead-letter-strategy": "at-least-once",
+        "x-overflow": "reject-publish",
+    }
+    assert queues["crm.inbound"] == queues[QUEUE]
+    assert queues[DEAD_LETTER_QUEUE] == {"x-queue-type": "quorum"}
+    channel = await vhost_connection.channel()
+    for name in (EVENTS_EXCHANGE, COMMANDS_EXCHANGE, "channels.dead"):
+        await channel.declare_exchange(name, passive=True)  # exists
+    for name in (QUEUE, DEAD_LETTER_QUEUE, "crm.inbound"):
+        await channel.declare_queue(name, passive=True)
+    # Declaring the queue with other arguments is refused: proof they are what we declared.
+    with pytest.raises(aiormq.exceptions.ChannelPreconditionFailed):
+        await channel.declare_queue(
+            QUEUE, durable=True, arguments={"x-queue-type": "quorum", "x-delivery-limit": 9}
+        )
+
+
+async def test_confirmed_publish_arrives_persistent_with_its_properties(
+    bus: AmqpBus, vhost_connection: aio_pika.abc.AbstractConnection
+) -> None:
+    await bus.declare(_topology())
+    await bus.publish(
+        EVENTS_EXCHANGE, "message.received.sms.twilio", _msg(1, cloudEvents_id="m1"), timeout=5
+    )
+    channel = await vhost_connection.channel()
+    queue = await channel.declare_queue("crm.inbound", passive=True)
+    got = await queue.get(timeout=5)
+    assert got.body == b"body-1"
+    assert got.message_id == "m1"
+    assert got.type == "test.Type"
+    assert got.content_type == "application/protobuf"
+    assert got.delivery_mode == aio_pika.DeliveryMode.PERSISTENT
+    assert got.headers["cloudEvents_id"] == "m1"
+    await got.ack()
+
+
+async def test_unroutable_publish_is_an_error_and_the_bus_stays_usable(bus: AmqpBus) -> None:
+    await bus.declare(_topology())
+    with pytest.raises(UnroutableError, match=r"message\.status\.sms\.nobody"):
+        await bus.publish(EVENTS_EXCHANGE, "message.status.sms.nobody", _msg(), timeout=5)
+    assert bus.is_ready()
+    await bus.publish(EVENTS_EXCHANGE, "message.received.sms.x", _msg(2), timeout=5)
+
+
+async def test_concurrent_publishes_are_all_confirmed(
+    bus: AmqpBus, vhost: Vhost, vhost_connection: aio_pika.abc.AbstractConnection
+) -> None:
+    await bus.declare(_topology())
+    # Including two with one message id: they are serialized, never confused.
+    messages = [_msg(n) for n in range(20)] + [_msg(3)]
+    await asyncio.gather(
+        *(bus.publish(EVENTS_EXCHANGE, "message.received.a.b", m, timeout=5) for m in messages)
+    )
+    channel = await vhost_connection.channel()
+    queue = await channel.declare_queue("crm.inbound", passive=True)
+    assert queue.declaration_result.message_count == 21
+
+
+async def _consume_until(
+    bus: AmqpBus, queue: str, handler_error: Exception | None, *, expect: int
+) -> list[Delivery]:
+    seen: list[Delivery] = []
+    enough = asyncio.Event()
+
+    async def handler(delivery: Delivery) -> None:
+        seen.append(delivery)
+        if len(seen) >= expect:
+            enough.set()
+        if handler_error is not None:
+            raise handler_error
+
+    sub = await bus.consume(queue, handler, prefetch=1)
+    try:
+        await asyncio.wait_for(enough.wait(), 10)
+        await asyncio.sleep(0.3)  # a further delivery would arrive now
+    finally:
+        await sub.cancel()
+    return seen
+
+
+async def _dead_letter(
+    connection: aio_pika.abc.AbstractConnection,
+) -> aio_pika.abc.AbstractIncomingMessage:
+    channel = await connection.channel()
+    queue = await channel.declare_queue(DEAD_LETTER_QUEUE, passive=True)
+    for _ in range(50):
+        message = await queue.get(fail=False)
+        if message is not None:
+            await message.ack()
+            return message
+        await asyncio.sleep(0.1)
+    raise AssertionError("nothing reached the dead-letter queue")
+
+
+async def test_acked_message_is_gone(
+    bus: AmqpBus, vhost_connection: aio_pika.abc.AbstractConnection
+) -> None:
+    await bus.declare(_topology())
+    await bus.publish(COMMANDS_EXCHANGE, "send.sms.fake", _msg(), timeout=5)
+    seen = await _consume_until(bus, QUEUE, None, expect=1)
+    assert [d.body for d in seen] == [b"body-1"]
+    assert seen[0].routing_key == "send.sms.fake"
+    assert seen[0].exchange == COMMANDS_EXCHANGE
+    channel = await vhost_connection.channel()
+    assert (await channel.declare_queue(QUEUE, passive=True)).declaration_result.message_count == 0
+
+
+@pytest.mark.parametrize("error", [PermanentError("no"), BadRequestError("garbage")])
+async def test_permanently_failed_command_lands_in_the_dead_letter_queue(
+    bus: AmqpBus, vhost_connection: aio_pika.abc.AbstractConnection, error: Exception
+) -> None:
+    await bus.declare(_topology())
+    await bus.publish(COMMANDS_EXCHANGE, "send.sms.fake", _msg(7), timeout=5)
+    seen = await _consume_until(bus, QUEUE, error, expect=1)
+    assert len(seen) == 1  # rejected, not requeued
+    dead = await _dead_letter(vhost_connection)
+    assert dead.body == b"body-7"
+    assert dead.message_id == "m7"
+    assert dead.headers["x-first-death-reason"] == "rejected"
+    assert dead.headers["x-first-death-queue"] == QUEUE
+
+
+async def test_delivery_limit_dead_letters_a_poison_command(
+    bus: AmqpBus, vhost_connection: aio_pika.abc.AbstractConnection
+) -> None:
+    await bus.declare(_topology(limit=2))
+    await bus.publish(COMMANDS_EXCHANGE, "send.sms.fake", _msg(9), timeout=5)
+    seen = await _consume_until(bus, QUEUE, RuntimeError("poison"), expect=3)
+    dead = await _dead_letter(vhost_connection)
+    assert dead.body == b"body-9"
+    assert dead.headers["x-first-death-reason"] == "delivery_limit"
+    assert [d.redelivered for d in seen] == [False, True, True]
+    assert [d.delivery_count for d in seen] == [0, 1, 2]
+    assert len(seen) == 3  # the first delivery plus `limit` redeliveries
+
+
+async def test_connect_to_a_dead_port_fails_fast_and_clearly() -> None:
+    bus = AmqpBus(f"amqp://guest:guest@127.0.0.1:{free_port()}/", connect_timeout=2)
+    async with asyncio.timeout(5):
+        with pytest.raises(BrokerUnavailableError, match="cannot connect to RabbitMQ"):
+            await bus.connect()
+    assert not bus.is_ready()
