@@ -199,7 +199,10 @@ class Ledger:
         self._reader = engine.execution_options(**{_READONLY: True})
         self._clock = clock
         self._max_page_size = max_page_size
-        self._write_lock = asyncio.Lock() if engine.dialect.name == "sqlite" else None
+        #: SQLite: every write transaction is BEGIN IMMEDIATE, so writers (of
+        #: any process) never overlap and a read inside one is final.
+        self._serial_writes = engine.dialect.name == "sqlite"
+        self._write_lock = asyncio.Lock() if self._serial_writes else None
 
     @property
     def engine(self) -> AsyncEngine:
@@ -280,6 +283,7 @@ class Ledger:
             "created_at": now,
             "updated_at": now,
         }
+        has_pending = False
         async with self._write() as conn:
             created = await _insert_ignore(conn, schema.messages, values, "message_id")
             if created:
@@ -334,6 +338,16 @@ class Ledger:
                 record = _build_record(
                     values, [attempt], active=new.fallback is not None, timeline=[entry]
                 )
+                if self._serial_writes:
+                    # No other writer can commit before us: this look is final.
+                    has_pending = (
+                        await conn.scalar(
+                            select(schema.pending.c.event_id)
+                            .where(schema.pending.c.message_id == new.message_id)
+                            .limit(1)
+                        )
+                        is not None
+                    )
             else:
                 row = (
                     await conn.execute(
@@ -353,9 +367,13 @@ class Ledger:
                 existing_id = str(row.message_id)
         if not created:
             return await self.get(existing_id), False
-        # Statuses that arrived before the message (checked after our commit,
-        # see _apply_and_drain for the other half of the race).
-        if (await self._drain(message_ids=[new.message_id]))[1]:
+        # Statuses that arrived before the message. With concurrent writers
+        # (PostgreSQL) they are looked for after our commit; the status side
+        # re-checks after its commit (see _apply_batch_and_drain), so whichever
+        # commits second drains them.
+        if (has_pending or not self._serial_writes) and (
+            await self._drain(message_ids=[new.message_id])
+        )[1]:
             record = await self.get(new.message_id)
         return record, True
 
@@ -438,12 +456,14 @@ class Ledger:
         # Statuses waiting for a provider id that is now linked; and statuses
         # kept pending for a message (or provider id) that was recorded between
         # our read and our commit: whoever commits second drains.
+        # (With serialised writers, SQLite, what the batch saw was final.)
         message_ids: set[str] = set()
-        if outcome.unknown_message_ids:
-            message_ids = await self._existing(outcome.unknown_message_ids)
         provider_ids = set(outcome.linked)
-        if outcome.unknown_provider_ids:
-            provider_ids |= await self._linked(outcome.unknown_provider_ids)
+        if not self._serial_writes:
+            if outcome.unknown_message_ids:
+                message_ids = await self._existing(outcome.unknown_message_ids)
+            if outcome.unknown_provider_ids:
+                provider_ids |= await self._linked(outcome.unknown_provider_ids)
         drained_latest, drained_ids = await self._drain(
             message_ids=message_ids, provider_ids=provider_ids
         )
