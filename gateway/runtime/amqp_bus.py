@@ -14,6 +14,8 @@ import asyncio
 import contextlib
 from collections import deque
 from collections.abc import Sequence
+from dataclasses import dataclass
+from functools import partial
 from typing import Any, cast
 
 import aio_pika
@@ -25,7 +27,9 @@ from aio_pika.abc import (
     AbstractRobustConnection,
 )
 from aiormq import spec
+from aiormq.abc import ChannelFrame
 from pamqp.common import FieldTable
+from pamqp.header import ContentHeader
 
 from gateway.contract.errors import BadRequestError, PermanentError
 from gateway.runtime.bus import (
@@ -145,6 +149,111 @@ class AmqpSubscription:
             await asyncio.gather(*list(self._inflight), return_exceptions=True)
 
 
+@dataclass(slots=True)
+class _Queued:
+    exchange: str
+    routing_key: str
+    body: bytes
+    properties: spec.Basic.Properties
+    confirmation: asyncio.Future[Any]
+
+
+class _PublishBatcher:
+    """Writes the publishes of one event-loop turn to the socket as one batch.
+
+    aiormq's ``basic_publish`` queues every message as its own write (a
+    syscall each) behind a lock, a queue hand-off and a drain future; under
+    load those cost as much as the rest of a webhook. Here every publish of a
+    turn gets its delivery tag and confirm future registered on the aiormq
+    channel exactly as ``basic_publish`` does (so acks, nacks, returns and a
+    closing channel resolve them the same way), and their frames go out in a
+    single write. Tags are assigned in the order the frames reach the write
+    queue: directly when nothing is ahead, else through one ordered backlog.
+    """
+
+    def __init__(self) -> None:
+        self._turn: dict[aiormq.Channel, list[_Queued]] = {}
+        self._backlog: deque[tuple[aiormq.Channel, list[_Queued]]] = deque()
+        self._backlog_task: asyncio.Task[None] | None = None
+
+    async def publish(
+        self,
+        channel: aiormq.Channel,
+        exchange: str,
+        routing_key: str,
+        body: bytes,
+        properties: spec.Basic.Properties,
+    ) -> None:
+        """Queue one mandatory publish for this turn and wait for its confirm."""
+        if len(routing_key) > 255:
+            raise ValueError("Routing key too long (max 255 bytes)")
+        confirmation = channel.create_future()
+        queued = self._turn.get(channel)
+        if queued is None:
+            queued = self._turn[channel] = []
+            asyncio.get_running_loop().call_soon(self._flush, channel)
+        queued.append(_Queued(exchange, routing_key, body, properties, confirmation))
+        await confirmation
+
+    def _flush(self, channel: aiormq.Channel) -> None:
+        queued = [q for q in self._turn.pop(channel, ()) if not q.confirmation.done()]
+        if not queued:
+            return
+        if channel.is_closed:
+            error = aiormq.exceptions.ChannelInvalidStateError("publish channel is closed")
+            for q in queued:
+                q.confirmation.set_exception(error)
+            return
+        # aiormq's own basic_publish numbers its message and queues it without
+        # yielding unless the write queue is full; so only then, or behind our
+        # own backlog, could tags get out of order with the frames.
+        if self._backlog or channel.write_queue.full():
+            self._backlog.append((channel, queued))
+            if self._backlog_task is None or self._backlog_task.done():
+                self._backlog_task = asyncio.create_task(self._drain_backlog())
+            return
+        channel.write_queue.put_nowait(self._register(channel, queued))
+
+    async def _drain_backlog(self) -> None:
+        while self._backlog:
+            channel, queued = self._backlog.popleft()
+            queued = [q for q in queued if not q.confirmation.done()]
+            if not queued:
+                continue
+            try:
+                async with channel.lock:
+                    if channel.is_closed:
+                        raise aiormq.exceptions.ChannelInvalidStateError("channel is closed")
+                    await channel.write_queue.put(self._register(channel, queued))
+            except Exception as exc:  # noqa: BLE001 - handed to each publisher waiting
+                for q in queued:
+                    if not q.confirmation.done():
+                        q.confirmation.set_exception(exc)
+
+    @staticmethod
+    def _register(channel: aiormq.Channel, queued: list[_Queued]) -> ChannelFrame:
+        frames: list[Any] = []
+        for q in queued:
+            channel.delivery_tag += 1
+            tag = channel.delivery_tag
+            message_id = q.properties.message_id or ""
+            channel.confirmations[tag] = q.confirmation
+            # aiormq finds a returned message's confirm by its message id.
+            channel.message_id_delivery_tag[message_id] = tag
+            q.confirmation.add_done_callback(partial(_forget_id, channel, message_id, tag))
+            frames.append(
+                spec.Basic.Publish(exchange=q.exchange, routing_key=q.routing_key, mandatory=True)
+            )
+            frames.append(ContentHeader(properties=q.properties, body_size=len(q.body)))
+            frames.extend(channel._split_body(q.body))
+        return ChannelFrame.marshall(channel_number=channel.number, frames=frames)
+
+
+def _forget_id(channel: aiormq.Channel, message_id: str, tag: int, _: object) -> None:
+    if channel.message_id_delivery_tag.get(message_id) == tag:
+        del channel.message_id_delivery_tag[message_id]
+
+
 class AmqpBus:
     """:class:`~gateway.runtime.bus.Bus` on RabbitMQ."""
 
@@ -158,6 +267,7 @@ class AmqpBus:
         # with one id on a channel could be confused, so they are serialized
         # (id -> waiters for their turn, None while nobody waits).
         self._inflight_ids: dict[str, deque[asyncio.Future[None]] | None] = {}
+        self._batcher = _PublishBatcher()
 
     async def connect(self) -> None:
         try:
@@ -220,10 +330,10 @@ class AmqpBus:
             await self._wait_turn(message_id)
         else:
             self._inflight_ids[message_id] = None
-        # Straight to aiormq (what aio-pika's Exchange.publish does underneath),
-        # without building an aio-pika Message and Exchange per publish: this is
-        # the hot path of every webhook. Same frames, same confirm and return
-        # handling (the channel was opened with on_return_raises).
+        # Straight to the aiormq channel under aio-pika's robust one, without an
+        # aio-pika Message and Exchange per publish: this is the hot path of
+        # every webhook. Same frames, same confirm and return handling (the
+        # channel was opened with on_return_raises); see _PublishBatcher.
         properties = spec.Basic.Properties(
             content_type=message.content_type,
             delivery_mode=2,  # persistent
@@ -236,12 +346,8 @@ class AmqpBus:
         try:
             async with asyncio.timeout(timeout):
                 underlay = await channel.get_underlay_channel()
-                await underlay.basic_publish(
-                    message.body,
-                    exchange=exchange,
-                    routing_key=routing_key,
-                    properties=properties,
-                    mandatory=True,
+                await self._batcher.publish(
+                    cast(aiormq.Channel, underlay), exchange, routing_key, message.body, properties
                 )
         except aiormq.exceptions.PublishError as exc:
             raise UnroutableError(f"unroutable: {exchange}/{routing_key}") from exc
