@@ -285,7 +285,7 @@ class Ledger:
         }
         has_pending = False
         async with self._write() as conn:
-            created = await _insert_ignore(conn, schema.messages, values, "message_id")
+            created = await _insert_ignore(conn, schema.messages, values)
             if created:
                 await conn.execute(
                     schema.attempts.insert(),
@@ -443,7 +443,9 @@ class Ledger:
         for attempt in range(1, _CONFLICT_RETRIES + 1):
             try:
                 async with self._write() as conn:
-                    outcome = await _apply_batch(conn, items, _db_time(self.now()))
+                    outcome = await _apply_batch(
+                        conn, items, _db_time(self.now()), final_view=self._serial_writes
+                    )
                 break
             except DBAPIError as exc:
                 # PostgreSQL may pick this transaction as a deadlock victim when
@@ -897,14 +899,12 @@ def _run_migrations(connection: SyncConnection) -> None:
     alembic_command.upgrade(config, "head")
 
 
-async def _insert_ignore(
-    conn: AsyncConnection, table: Any, values: Mapping[str, Any], key: str
-) -> bool:
+async def _insert_ignore(conn: AsyncConnection, table: Any, values: Mapping[str, Any]) -> bool:
     """INSERT ... ON CONFLICT DO NOTHING; True when the row was inserted."""
     insert = pg_dialect.insert if conn.dialect.name == "postgresql" else sqlite_dialect.insert
     # Parameters passed separately: the statement's compiled form is cached.
-    stmt = insert(table).on_conflict_do_nothing().returning(table.c[key])
-    return (await conn.execute(stmt, dict(values))).first() is not None
+    stmt = insert(table).on_conflict_do_nothing()
+    return (await conn.execute(stmt, dict(values))).rowcount == 1
 
 
 async def _lock_message(conn: AsyncConnection, message_id: str) -> Row[Any] | None:
@@ -992,9 +992,12 @@ async def _append(
         "occurred_at": occurred_at,
         "recorded_at": recorded_at,
     }
-    seq = await conn.scalar(schema.timeline.insert().returning(schema.timeline.c.seq), values)
+    result = await conn.execute(schema.timeline.insert(), values)
+    key = result.inserted_primary_key
+    if key is None:  # pragma: no cover - both backends report the new key
+        raise RuntimeError("the database did not report the timeline entry's key")
     return StatusEntry(
-        seq=int(seq or 0),
+        seq=int(key[0]),
         kind=kind,
         state=state,
         attempt=attempt,
@@ -1031,7 +1034,6 @@ async def _transition(
         conn,
         schema.seen_events,
         {"event_id": event_id, "message_id": row.message_id, "recorded_at": now},
-        "event_id",
     )
     await conn.execute(
         update(schema.messages)
@@ -1095,9 +1097,12 @@ class _BatchOutcome:
 
 
 async def _apply_batch(
-    conn: AsyncConnection, items: Sequence[_Item], now: datetime
+    conn: AsyncConnection, items: Sequence[_Item], now: datetime, *, final_view: bool = False
 ) -> _BatchOutcome:
     """Apply statuses in one transaction with a fixed number of statements.
+
+    ``final_view``: no other writer can commit before this transaction does
+    (SQLite), so what it reads is final.
 
     Lock order: message rows (sorted, one statement), then pending and seen
     rows, as everywhere else in the ledger.
@@ -1297,6 +1302,13 @@ async def _apply_batch(
             results.append(
                 Applied(record=record, duplicate=kind == "duplicate", pending=kind == "pending")
             )
+    if linked and final_view:
+        # Nobody else writes before our commit: only provider ids with pending
+        # statuses need a drain.
+        result = await conn.execute(
+            select(p.provider_message_id).where(p.provider_message_id.in_(sorted(linked)))
+        )
+        linked = {str(r.provider_message_id) for r in result}
     return _BatchOutcome(
         results=results,
         linked=linked,
