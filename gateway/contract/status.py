@@ -1,8 +1,10 @@
 """Canonical delivery-state ordering: statuses only move forward.
 
 Providers send callbacks out of order and more than once; folding them with
-:func:`advance` gives the same final state whatever the order. A final state
-is only left by an explicit retry (a new attempt).
+:func:`advance` gives the same result whatever the order of the progress
+states (accepted, queued, sent, delivered, read) and of repeats. A final state
+is only left by an explicit retry (a new attempt), so between conflicting
+outcomes (e.g. FAILED and DELIVERED for one attempt) the first one applied wins.
 """
 
 from __future__ import annotations

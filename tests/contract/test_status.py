@@ -116,3 +116,12 @@ def test_fold_starts_from_a_given_state() -> None:
         S.DELIVERY_STATE_DELIVERED
     )
     assert fold([], start=S.DELIVERY_STATE_QUEUED) == S.DELIVERY_STATE_QUEUED
+
+
+def test_between_conflicting_outcomes_the_first_applied_wins() -> None:
+    # Documented: nothing leaves a final state, and a late failure never
+    # overwrites DELIVERED, so order decides between these two.
+    assert fold([S.DELIVERY_STATE_FAILED, S.DELIVERY_STATE_DELIVERED]) == S.DELIVERY_STATE_FAILED
+    assert fold([S.DELIVERY_STATE_DELIVERED, S.DELIVERY_STATE_FAILED]) == (
+        S.DELIVERY_STATE_DELIVERED
+    )

@@ -15,6 +15,7 @@ from gateway.runtime.bus import (
     BrokerUnavailableError,
     Delivery,
     OutgoingMessage,
+    PublishError,
     UnroutableError,
 )
 from gateway.runtime.topology import (
@@ -213,3 +214,21 @@ async def test_connect_to_a_dead_port_fails_fast_and_clearly() -> None:
         with pytest.raises(BrokerUnavailableError, match="cannot connect to RabbitMQ"):
             await bus.connect()
     assert not bus.is_ready()
+
+
+async def test_nacked_publish_is_an_error(
+    bus: AmqpBus, vhost_connection: aio_pika.abc.AbstractConnection
+) -> None:
+    """A full queue with reject-publish overflow makes the broker nack: no false success."""
+    await bus.declare(base_topology())
+    channel = await vhost_connection.channel()
+    full = await channel.declare_queue(
+        "full", durable=True, arguments={"x-max-length": 1, "x-overflow": "reject-publish"}
+    )
+    await full.bind(EVENTS_EXCHANGE, routing_key="message.received.#")
+    await bus.publish(EVENTS_EXCHANGE, "message.received.a.b", _msg(1), timeout=5)
+    with pytest.raises(PublishError) as info:
+        await bus.publish(EVENTS_EXCHANGE, "message.received.a.b", _msg(2), timeout=5)
+    assert not isinstance(info.value, UnroutableError)
+    assert "nacked" in str(info.value)
+    assert bus.is_ready()
