@@ -8,9 +8,11 @@ import aiohttp
 import pytest
 
 from gateway.runtime.codec import decode_event
+from gateway.runtime.idempotency import RedisIdempotencyStore
 from gateway.runtime.memory_bus import InMemoryBus
 from gateway.runtime.service import Service
 from gateway.runtime.topology import EVENTS_EXCHANGE
+from gateway.testing.rabbitmq_node import free_port
 from tests.runtime import service_helpers as h
 
 
@@ -135,3 +137,19 @@ async def test_metrics_count_webhooks_by_outcome(svc: Service, http: aiohttp.Cli
         in text
     )
     assert "gateway_publish_seconds_bucket" in text
+
+
+async def test_dedup_store_down_is_503_and_not_ready(http: aiohttp.ClientSession) -> None:
+    bus = InMemoryBus()
+    store = RedisIdempotencyStore(f"redis://127.0.0.1:{free_port()}/0")
+    service = h.service(h.settings(), bus=bus, store=store)
+    await service.start()
+    try:
+        status, _ = await h.post_signed(http, h.inbound_url(service), h.inbound_form())
+        assert status == 503
+        assert bus.published == []
+        async with http.get(base(service) + "/readyz") as resp:
+            assert resp.status == 503
+            assert (await resp.json())["checks"] == {"broker": True, "dedup_store": False}
+    finally:
+        await service.stop()
