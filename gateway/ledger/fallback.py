@@ -127,6 +127,12 @@ class FallbackEngine:
 
     Several engines (replicas) may run on one database: firing a timer is
     decided under the message's row lock, so a step is started once.
+
+    Each pass also replays the command of every message whose current attempt
+    was never confirmed (:meth:`Ledger.mark_dispatched`) and is older than
+    ``dispatch_grace``: an outbox for the server's first sends as much as for
+    fallback steps. Keep ``dispatch_grace`` above the publish timeout, so a
+    publish still waiting for its confirm is not replayed.
     """
 
     def __init__(
