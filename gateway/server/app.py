@@ -3,7 +3,7 @@
 Lifecycle: ``start`` connects the bus (unless given a connected one), declares
 the topology (including the command queues of every enabled connector, so a
 send waits durably for a connector that is not running yet), migrates the
-ledger, starts the event tap, the status ingestor and the fallback engine,
+ledger, starts the event hub, the status ingestor and the fallback engine,
 then the gRPC server with health checking and reflection. ``stop`` reverses
 it: health says NOT_SERVING, the server stops taking RPCs and gives those in
 flight ``shutdown_grace`` seconds, then the background workers stop and the
@@ -42,7 +42,7 @@ from gateway.server.connectors import (
     LocalProbe,
     QueueProbe,
 )
-from gateway.server.events import EventTap
+from gateway.server.events import EventHub
 from gateway.server.service import SERVICE_NAME, GatewayServicer
 from gateway.server.settings import GatewaySettings, gateway_settings
 
@@ -97,7 +97,7 @@ class GatewayServer:
             default_providers=self.gateway.default_providers,
         )
         self._probe = probe
-        self.tap = EventTap(self.bus, self.gateway.replay_buffer)
+        self.events = EventHub(self.bus, self.gateway.replay_buffer)
         self.health = HealthServicer()
         self._server: aio.Server | None = None
         self._ingestor: StatusIngestor | None = None
@@ -131,7 +131,7 @@ class GatewayServer:
             await self.bus.connect()
         await self.bus.declare(self.topology())
         await self.ledger.migrate()
-        await self.tap.start()
+        await self.events.start()
         if self.gateway.run_ingestor:
             timeout = self.settings.broker.publish_timeout
             self._engine = FallbackEngine(
@@ -150,7 +150,7 @@ class GatewayServer:
             ledger=self.ledger,
             bus=self.bus,
             directory=self.directory,
-            tap=self.tap,
+            events=self.events,
             publish_timeout=self.settings.broker.publish_timeout,
         )
         server = aio.server()
@@ -216,11 +216,13 @@ class GatewayServer:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._health_task
             self._health_task = None
+        # Event streams never end on their own: end them first (UNAVAILABLE, resume
+        # elsewhere with the cursor) so the grace period goes to unary calls.
+        await self.events.stop()
         if self._server is not None:
             await self.health.enter_graceful_shutdown()
             await self._server.stop(self.gateway.shutdown_grace)
             self._server = None
-        await self.tap.stop()
         if self._engine is not None:
             await self._engine.stop()
             self._engine = None

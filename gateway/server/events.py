@@ -1,18 +1,26 @@
 """StreamEvents: normalized events over gRPC, resumable from a cursor.
 
-Each stream gets its own temporary queue on ``channels.events`` bound with the
-caller's patterns, so the broker does the filtering and a slow client holds
-back only its own queue (the handler blocks on a bounded inbox, which keeps
-the prefetch window full and the broker stops delivering).
+One :class:`EventHub` per gateway consumes every event on ``channels.events``
+through one temporary queue, keeps the latest ones in a bounded replay
+buffer and fans each out to the streams whose binding patterns match (AMQP
+topic semantics, :func:`~gateway.runtime.topology.topic_matches`).
 
-Resuming: the gateway taps every event into a bounded replay buffer. The
-cursor of an event is its id; a stream started with a cursor first binds its
-queue (so nothing published from then on is missed), then replays the
-buffered events after the cursor that match its patterns, then goes live,
-skipping live copies of events it already replayed. A cursor no longer in the
-buffer is OUT_OF_RANGE: the events after it are gone and the client must know.
-Each gateway replica taps every event, so a cursor works on any replica whose
-buffer still holds it.
+Why one queue for all streams rather than a queue per stream: a stream that
+resumes from a cursor must continue exactly where the buffer ends. With one
+source, subscribing and taking the buffer's snapshot happen in the same step
+of the event loop, so nothing falls between replay and live delivery and
+nothing comes twice. It also costs the broker one queue and one channel per
+gateway instead of per client.
+
+The cursor of an event is its id; a stream started with a cursor replays the
+buffered events after it that match its patterns, then goes live. A cursor
+no longer in the buffer is OUT_OF_RANGE: events after it are gone and the
+client must know. Each replica buffers every event, so a cursor works on any
+replica whose buffer still holds it.
+
+A client that reads slower than events arrive fills its bounded inbox; the
+hub then ends that stream with RESOURCE_EXHAUSTED (resume from the last
+cursor) rather than hold back the shared queue for everyone.
 """
 
 from __future__ import annotations
@@ -21,7 +29,7 @@ import asyncio
 import re
 from collections import deque
 from collections.abc import AsyncIterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import grpc
 
@@ -37,6 +45,8 @@ log = get_logger("gateway.server.events")
 
 _WORD = re.compile(r"^(\*|#|[A-Za-z0-9_\-]+)$")
 MAX_BINDINGS = 16
+#: Events a stream may have waiting before it is ended as too slow.
+INBOX_SIZE = 1024
 
 
 @dataclass(frozen=True, slots=True)
@@ -53,7 +63,7 @@ class StreamedEvent:
 
 
 def check_bindings(bindings: Sequence[str]) -> list[str]:
-    """The patterns to bind (``#`` when none); INVALID_ARGUMENT for a malformed one."""
+    """The patterns to match (``#`` when none); INVALID_ARGUMENT for a malformed one."""
     patterns = list(bindings) or ["#"]
     violations = []
     if len(patterns) > MAX_BINDINGS:
@@ -72,83 +82,103 @@ def check_bindings(bindings: Sequence[str]) -> list[str]:
     return patterns
 
 
-class EventTap:
-    """A bounded buffer of the latest events on ``channels.events`` (for resuming)."""
+@dataclass(eq=False)
+class _Subscriber:
+    patterns: list[str]
+    #: Events for the reader; None ends the stream.
+    inbox: asyncio.Queue[StreamedEvent | None] = field(default_factory=asyncio.Queue)
+    overflowed: bool = False
 
-    def __init__(self, bus: Bus, size: int) -> None:
-        self._bus, self._size = bus, size
-        self._buffer: deque[StreamedEvent] = deque(maxlen=max(size, 1))
+    def offer(self, item: StreamedEvent) -> None:
+        if self.overflowed or not any(topic_matches(p, item.routing_key) for p in self.patterns):
+            return
+        if self.inbox.qsize() >= INBOX_SIZE:
+            # Everything queued is still delivered; the reader then resumes
+            # from its last cursor and finds the rest in the replay buffer.
+            self.overflowed = True
+            self.inbox.put_nowait(None)
+            return
+        self.inbox.put_nowait(item)
+
+    def end(self) -> None:
+        if not self.overflowed:
+            self.overflowed = True
+            self.inbox.put_nowait(None)
+
+
+class EventHub:
+    """Every event on ``channels.events``: a replay buffer and the live streams."""
+
+    def __init__(self, bus: Bus, buffer_size: int) -> None:
+        self._bus, self._size = bus, buffer_size
+        self._buffer: deque[StreamedEvent] = deque(maxlen=max(buffer_size, 1))
+        self._subscribers: set[_Subscriber] = set()
         self._subscription: Subscription | None = None
 
     @property
-    def enabled(self) -> bool:
+    def resumable(self) -> bool:
         """False when resuming is switched off (a buffer size of 0)."""
         return self._size > 0
 
     async def start(self) -> None:
-        """Bind a temporary queue to every event and start buffering."""
-        if not self.enabled:
-            return
+        """Bind a temporary queue to every event and start consuming it."""
         queue = await self._bus.declare_temporary_queue(EVENTS_EXCHANGE, ["#"])
         self._subscription = await self._bus.consume(queue, self._on_delivery, prefetch=256)
 
     async def stop(self) -> None:
-        """Stop buffering."""
+        """Stop consuming and end every stream."""
         if self._subscription is not None:
             await self._subscription.cancel()
             self._subscription = None
+        for subscriber in self._subscribers:
+            subscriber.end()
 
     async def _on_delivery(self, delivery: Delivery) -> None:
-        self._buffer.append(StreamedEvent(decode_event(delivery), delivery.routing_key))
+        item = StreamedEvent(decode_event(delivery), delivery.routing_key)
+        if self.resumable:
+            self._buffer.append(item)
+        for subscriber in self._subscribers:
+            subscriber.offer(item)
 
-    def after(self, cursor: str, patterns: Sequence[str]) -> list[StreamedEvent]:
-        """Buffered events after ``cursor`` matching ``patterns``; OUT_OF_RANGE if it is gone."""
-        snapshot = list(self._buffer)
-        for index in range(len(snapshot) - 1, -1, -1):
-            if snapshot[index].event.id == cursor:
+    def _after(self, cursor: str, patterns: Sequence[str]) -> list[StreamedEvent]:
+        for index in range(len(self._buffer) - 1, -1, -1):
+            if self._buffer[index].event.id == cursor:
                 return [
                     item
-                    for item in snapshot[index + 1 :]
+                    for item in list(self._buffer)[index + 1 :]
                     if any(topic_matches(p, item.routing_key) for p in patterns)
                 ]
         raise RpcError(
             grpc.StatusCode.OUT_OF_RANGE,
             f"cursor {cursor!r} is not in this gateway's replay window"
-            + ("" if self.enabled else " (resuming is switched off)")
+            + ("" if self.resumable else " (resuming is switched off)")
             + ": events after it may be lost; subscribe again without a cursor",
             reason="CURSOR_EXPIRED",
         )
 
-
-async def stream_events(
-    bus: Bus, tap: EventTap, bindings: Sequence[str], cursor: str, *, inbox_size: int = 64
-) -> AsyncIterator[StreamedEvent]:
-    """Yield events matching ``bindings``: first those after ``cursor``, then live ones."""
-    patterns = check_bindings(bindings)
-    inbox: asyncio.Queue[StreamedEvent] = asyncio.Queue(maxsize=inbox_size)
-
-    async def on_delivery(delivery: Delivery) -> None:
-        await inbox.put(StreamedEvent(decode_event(delivery), delivery.routing_key))
-
-    queue = await bus.declare_temporary_queue(EVENTS_EXCHANGE, patterns)
-    subscription = await bus.consume(queue, on_delivery, prefetch=inbox_size)
-    try:
-        replayed: set[str] = set()
-        if cursor:
-            for item in tap.after(cursor, patterns):
-                replayed.add(item.event.id)
+    async def stream(self, bindings: Sequence[str], cursor: str) -> AsyncIterator[StreamedEvent]:
+        """Yield events matching ``bindings``: first those after ``cursor``, then live ones."""
+        if self._subscription is None:
+            raise RpcError(grpc.StatusCode.UNAVAILABLE, "the event stream is not running")
+        patterns = check_bindings(bindings)
+        # No await between the snapshot and subscribing: replay and live meet exactly.
+        replay = self._after(cursor, patterns) if cursor else []
+        subscriber = _Subscriber(patterns)
+        self._subscribers.add(subscriber)
+        try:
+            for item in replay:
                 yield item
-        while True:
-            item = await inbox.get()
-            if item.event.id in replayed:
-                continue
-            yield item
-    finally:
-        # Cancel first, then drain: a handler blocked on the full inbox must
-        # finish for the cancel to complete.
-        cancel = asyncio.ensure_future(subscription.cancel())
-        while not cancel.done():
-            while not inbox.empty():
-                inbox.get_nowait()
-            await asyncio.sleep(0.01)
-        await cancel
+            while True:
+                next_item = await subscriber.inbox.get()
+                if next_item is None:
+                    raise RpcError(
+                        grpc.StatusCode.RESOURCE_EXHAUSTED
+                        if self._subscription is not None
+                        else grpc.StatusCode.UNAVAILABLE,
+                        "the stream fell too far behind (or the gateway is stopping): "
+                        "resume with the cursor of the last event received",
+                        reason="STREAM_OVERFLOW",
+                    )
+                yield next_item
+        finally:
+            self._subscribers.discard(subscriber)

@@ -56,7 +56,7 @@ from gateway.server.connectors import ConnectorDirectory
 from gateway.server.content import Violation, adapt
 from gateway.server.convert import outbound_message
 from gateway.server.errors import RpcError, invalid
-from gateway.server.events import EventTap, stream_events
+from gateway.server.events import EventHub
 from gateway.server.sending import normalize_address, prepare_send
 
 log = get_logger("gateway.server")
@@ -120,10 +120,11 @@ class GatewayServicer(gateway_service_pb2_grpc.GatewayServiceServicer):
         ledger: Ledger,
         bus: Bus,
         directory: ConnectorDirectory,
-        tap: EventTap,
+        events: EventHub,
         publish_timeout: float,
     ) -> None:
-        self._ledger, self._bus, self._directory, self._tap = ledger, bus, directory, tap
+        self._ledger, self._directory, self._events = ledger, directory, events
+        self._bus = bus
         self._publish_timeout = publish_timeout
 
     # -- SendMessage -----------------------------------------------------------
@@ -377,7 +378,7 @@ class GatewayServicer(gateway_service_pb2_grpc.GatewayServiceServicer):
         context: aio.ServicerContext[StreamEventsRequest, StreamEventsResponse],
     ) -> AsyncIterator[StreamEventsResponse]:
         try:
-            async for item in stream_events(self._bus, self._tap, request.bindings, request.cursor):
+            async for item in self._events.stream(request.bindings, request.cursor):
                 yield StreamEventsResponse(
                     event=item.event, routing_key=item.routing_key, cursor=item.cursor
                 )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import secrets
@@ -11,10 +12,13 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from contextlib import redirect_stderr, redirect_stdout
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
+from gateway.cli import main
 from gateway.testing.fake_twilio import FakeTwilio
 from tests.server.conftest import ACCOUNT_SID
 
@@ -65,17 +69,19 @@ def _wait_serving(proc: subprocess.Popen[str], port: int, timeout: float = 20) -
     raise AssertionError("gateway did not start listening")
 
 
-def _cli(
-    config: Path, *args: str, env: dict[str, str] | None = None
-) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [*CLI, "--config", str(config), *args],
-        capture_output=True,
-        text=True,
-        timeout=30,
-        cwd=ROOT,
-        env=env,
-    )
+@dataclass(frozen=True)
+class Result:
+    returncode: int
+    stdout: str
+    stderr: str
+
+
+def _cli(config: Path, *args: str) -> Result:
+    """A client command (send, trace) run in this process against the real server process."""
+    out, err = io.StringIO(), io.StringIO()
+    with redirect_stdout(out), redirect_stderr(err):
+        code = main(["--config", str(config), *args])
+    return Result(code, out.getvalue(), err.getvalue())
 
 
 @pytest.fixture
@@ -157,18 +163,9 @@ async def test_up_runs_gateway_and_connectors_end_to_end(tmp_path: Path, token: 
         env = {**os.environ, "TEST_TWILIO_TOKEN": token}
 
         async def cli(*args: str) -> tuple[int, str, str]:
-            proc = await asyncio.create_subprocess_exec(
-                *CLI,
-                "--config",
-                str(config),
-                *args,
-                stdout=asyncio.subprocess.PIPE,
-                stderr=asyncio.subprocess.PIPE,
-                cwd=ROOT,
-                env=env,
-            )
-            out, err = await asyncio.wait_for(proc.communicate(), 30)
-            return proc.returncode or 0, out.decode(), err.decode()
+            # Client commands in a worker thread (each runs its own event loop).
+            result = await asyncio.to_thread(_cli, config, *args)
+            return result.returncode, result.stdout, result.stderr
 
         up = await asyncio.create_subprocess_exec(
             *CLI,

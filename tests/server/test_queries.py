@@ -39,7 +39,9 @@ from gateway.api.v1.message_pb2 import Message
 from gateway.runtime.codec import encode_event, event_routing_key
 from gateway.runtime.memory_bus import InMemoryBus
 from gateway.runtime.topology import EVENTS_EXCHANGE
+from gateway.server import events as events_module
 from gateway.server.connectors import QueueInfo
+from gateway.server.errors import RpcError
 from tests.server.conftest import FixedProbe, Gateway, settings, start_gateway
 from tests.server.test_send import text_request, violations
 
@@ -390,3 +392,52 @@ async def test_health_follows_the_broker_and_shutdown(tmp_path: Path) -> None:
     assert err.value.code() == grpc.StatusCode.UNAVAILABLE
     await channel.close()
     await bus.close()
+
+
+async def test_a_stream_that_falls_behind_ends_and_resumes_without_loss(
+    gateway: Gateway, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(events_module, "INBOX_SIZE", 3)
+    hub = gateway.server.events
+    stream = hub.stream(["message.received.#"], "")
+    first = asyncio.ensure_future(anext(stream))
+    await asyncio.sleep(0.05)  # subscribed
+    for n in range(10):
+        await publish(gateway.bus, inbound(n))
+    await asyncio.sleep(0.2)  # all delivered to the hub; the reader has not read
+    received = [(await first).event.id]
+
+    async def read_until_ended() -> None:
+        while True:
+            received.append((await anext(stream)).event.id)
+
+    with pytest.raises(RpcError) as err:
+        await read_until_ended()
+    assert err.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert 1 <= len(received) <= 4
+    resumed = hub.stream(["message.received.#"], received[-1])
+    while len(received) < 10:
+        received.append((await asyncio.wait_for(anext(resumed), 2)).event.id)
+    assert received == [f"in-{n}" for n in range(10)]
+    await resumed.aclose()
+
+
+async def test_streams_end_unavailable_when_the_gateway_stops(tmp_path: Path) -> None:
+    bus = InMemoryBus()
+    await bus.connect()
+    server, channel = await start_gateway(settings(tmp_path, shutdown_grace=5.0), bus=bus)
+    try:
+        stub = GatewayServiceStub(channel)
+        call = stub.StreamEvents(StreamEventsRequest(), timeout=10)
+        await asyncio.sleep(0.2)
+        started = asyncio.get_running_loop().time()
+        await server.stop()
+        # Streams are ended first, so stopping does not wait out the grace period.
+        assert asyncio.get_running_loop().time() - started < 4
+        with pytest.raises(aio.AioRpcError) as err:
+            await call.read()
+        assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+    finally:
+        await channel.close()
+        await server.stop()
+        await bus.close()
