@@ -129,7 +129,8 @@ class GatewayServiceServicer:
         consumers that prefer gRPC to AMQP. Pass the cursor of the last event
         received to resume; OUT_OF_RANGE when the gateway no longer holds the
         events after that cursor (resubscribe without a cursor: events were
-        missed).
+        missed). A stream that reads too slowly ends with RESOURCE_EXHAUSTED and
+        one of a stopping gateway with UNAVAILABLE: resume with the last cursor.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -70,7 +70,8 @@ class GatewayServiceStub:
     consumers that prefer gRPC to AMQP. Pass the cursor of the last event
     received to resume; OUT_OF_RANGE when the gateway no longer holds the
     events after that cursor (resubscribe without a cursor: events were
-    missed).
+    missed). A stream that reads too slowly ends with RESOURCE_EXHAUSTED and
+    one of a stopping gateway with UNAVAILABLE: resume with the last cursor.
     """
 
 @_typing.type_check_only
@@ -115,7 +116,8 @@ class GatewayServiceAsyncStub(GatewayServiceStub):
     consumers that prefer gRPC to AMQP. Pass the cursor of the last event
     received to resume; OUT_OF_RANGE when the gateway no longer holds the
     events after that cursor (resubscribe without a cursor: events were
-    missed).
+    missed). A stream that reads too slowly ends with RESOURCE_EXHAUSTED and
+    one of a stopping gateway with UNAVAILABLE: resume with the last cursor.
     """
 
 class GatewayServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -193,7 +195,8 @@ class GatewayServiceServicer(metaclass=_abc_1.ABCMeta):
         consumers that prefer gRPC to AMQP. Pass the cursor of the last event
         received to resume; OUT_OF_RANGE when the gateway no longer holds the
         events after that cursor (resubscribe without a cursor: events were
-        missed).
+        missed). A stream that reads too slowly ends with RESOURCE_EXHAUSTED and
+        one of a stopping gateway with UNAVAILABLE: resume with the last cursor.
         """
 
 def add_GatewayServiceServicer_to_server(servicer: GatewayServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
