@@ -42,6 +42,7 @@ from gateway.api.v1.envelope_pb2 import Event
 from gateway.contract.connector import Connector, ConnectorSpec, SendResult
 from gateway.contract.errors import (
     AmbiguousSendError,
+    BadRequestError,
     ConnectorError,
     PermanentError,
     TransientError,
@@ -53,6 +54,7 @@ from gateway.runtime.config import SendSettings
 from gateway.runtime.idempotency import Claim, ClaimState, IdempotencyStore
 from gateway.runtime.publisher import EventPublisher
 from gateway.runtime.telemetry import (
+    DEAD_LETTERS,
     SEND_RETRIES,
     SENDS,
     extract_trace_context,
@@ -135,6 +137,7 @@ class CommandWorker:
         self._publisher, self._ledger, self._settings = publisher, ledger, settings
         self._sends = {o: SENDS.labels(spec.name, o) for o in ("sent", "failed", "replayed")}
         self._retries = SEND_RETRIES.labels(spec.name)
+        self._dead_letters = DEAD_LETTERS.labels(spec.name)
 
     def _retryable(self, exc: BaseException) -> bool:
         return isinstance(exc, TransientError) and (
@@ -164,11 +167,15 @@ class CommandWorker:
 
     async def handle(self, delivery: Delivery) -> None:
         """Process one command delivery (the bus acks when this returns)."""
-        command = decode_command(delivery)
-        if (command.channel, command.provider) != (self._spec.channel, self._spec.provider):
-            raise PermanentError(
-                f"command for {command.channel}.{command.provider} on {self._spec.name}"
-            )
+        try:
+            command = decode_command(delivery)
+            if (command.channel, command.provider) != (self._spec.channel, self._spec.provider):
+                raise PermanentError(
+                    f"command for {command.channel}.{command.provider} on {self._spec.name}"
+                )
+        except (BadRequestError, PermanentError):
+            self._dead_letters.inc()  # the bus rejects it to the dead-letter exchange
+            raise
         with tracer().start_as_current_span(
             f"send {self._spec.name}",
             context=extract_trace_context(delivery.headers),

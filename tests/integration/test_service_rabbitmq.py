@@ -24,6 +24,7 @@ from gateway.runtime.idempotency import RedisIdempotencyStore
 from gateway.runtime.service import Service
 from gateway.runtime.topology import COMMANDS_EXCHANGE, DEAD_LETTER_QUEUE, EVENTS_EXCHANGE
 from gateway.testing.fake_twilio import FakeTwilio
+from gateway.testing.rabbitmq_node import free_port
 from tests.integration.conftest import Vhost
 from tests.runtime import service_helpers as h
 
@@ -334,3 +335,24 @@ async def test_command_is_sent_once_and_its_status_published(
     event.ParseFromString(message.body)
     assert event.status.state == DeliveryState.DELIVERY_STATE_QUEUED
     assert event.status.provider_message_id.startswith("SM")
+
+
+async def test_poison_command_is_dead_lettered_by_the_delivery_limit(
+    vhost: Vhost, vhost_connection: aio_pika.abc.AbstractConnection
+) -> None:
+    """The send ledger is unreachable: every delivery fails transiently and is
+    requeued, until the quorum queue's delivery limit dead-letters the command."""
+    ledger_down = RedisIdempotencyStore(f"redis://127.0.0.1:{free_port()}/0")
+    svc = h.service(h.settings(vhost.url, delivery_limit=1), store=ledger_down)
+    await svc.start()
+    try:
+        command = _command()
+        await _publish_command(svc, command)
+        channel = await vhost_connection.channel()
+        dead_queue = await channel.declare_queue(DEAD_LETTER_QUEUE, passive=True)
+        dead = await _poll(dead_queue, timeout=10)
+    finally:
+        await svc.stop()
+    assert dead.message_id == f"{command.message_id}:1"
+    assert dead.headers["x-first-death-reason"] == "delivery_limit"
+    assert dead.headers["x-first-death-queue"] == "connector.sms.twilio.send"

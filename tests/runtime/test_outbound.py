@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Sequence
+from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -18,7 +19,12 @@ from gateway.api.v1.envelope_pb2 import Event
 from gateway.api.v1.message_pb2 import Message
 from gateway.api.v1.participant_pb2 import Participant
 from gateway.contract.connector import ConnectorContext, ConnectorSpec, SendResult, WebhookRoute
-from gateway.contract.errors import AmbiguousSendError, PermanentError, TransientError
+from gateway.contract.errors import (
+    AmbiguousSendError,
+    BadRequestError,
+    PermanentError,
+    TransientError,
+)
 from gateway.runtime.bus import Delivery
 from gateway.runtime.codec import decode_event, encode_command
 from gateway.runtime.config import SendSettings
@@ -26,6 +32,7 @@ from gateway.runtime.idempotency import MemoryIdempotencyStore
 from gateway.runtime.memory_bus import InMemoryBus
 from gateway.runtime.outbound import CommandWorker
 from gateway.runtime.publisher import EventPublisher
+from gateway.runtime.telemetry import DEAD_LETTERS
 from gateway.runtime.topology import EVENTS_EXCHANGE, base_topology
 
 S = DeliveryState
@@ -274,3 +281,13 @@ async def test_command_for_another_connector_is_rejected() -> None:
     with pytest.raises(PermanentError, match=r"command for sms\.twilio on sms\.fake"):
         await harness.worker.handle(_delivery(other))
     assert harness.connector.calls == []
+
+
+async def test_rejected_commands_are_counted_as_dead_letters() -> None:
+    harness = await Harness(ScriptedConnector([]), FAST).start()
+    metric = DEAD_LETTERS.labels("sms.fake")
+    before = metric._value.get()
+    garbage = replace(_delivery(_command()), body=b"\xff\xff")
+    with pytest.raises(BadRequestError):
+        await harness.worker.handle(garbage)
+    assert metric._value.get() == before + 1
