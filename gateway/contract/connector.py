@@ -154,6 +154,19 @@ class ConnectorContext(Protocol):
     def now(self) -> datetime:
         """Current UTC time (injectable for tests)."""
 
+    async def publish(self, events: Sequence[Event]) -> None:
+        """Publish events that arrived outside a webhook (an SMTP session, an
+        IMAP poll): deduped on their ids like webhook events, and confirmed by
+        the broker. Raises :class:`~gateway.contract.errors.TransientError`
+        unless every event is confirmed (the caller then refuses the input
+        temporarily, e.g. SMTP 451)."""
+
+    async def quarantine(self, event: Event) -> None:
+        """Publish input that must not be processed (a MIME bomb, say) with its
+        raw bytes in ``event.raw``, to the dead-letter exchange with routing key
+        ``quarantine.<channel>.<provider>``: kept for an operator, never
+        retried. Raises TransientError unless the broker confirmed it."""
+
 
 @runtime_checkable
 class Connector(Protocol):

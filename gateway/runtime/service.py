@@ -18,11 +18,13 @@ from datetime import UTC, datetime
 import aiohttp
 from aiohttp import web
 
+from gateway.api.v1.envelope_pb2 import Event
 from gateway.contract import registry
 from gateway.contract.connector import Connector, ConnectorSpec, Logger, WebhookRoute
-from gateway.contract.errors import ConfigError
+from gateway.contract.errors import ConfigError, TransientError
 from gateway.runtime.amqp_bus import AmqpBus
 from gateway.runtime.bus import Bus, Subscription
+from gateway.runtime.codec import encode_event
 from gateway.runtime.config import RuntimeSettings
 from gateway.runtime.idempotency import IdempotencyStore, RedisIdempotencyStore, open_store
 from gateway.runtime.ingress import MountedConnector, build_app, route_path
@@ -31,6 +33,7 @@ from gateway.runtime.outbound import CommandWorker
 from gateway.runtime.publisher import EventPublisher
 from gateway.runtime.telemetry import ensure_tracing, get_logger
 from gateway.runtime.topology import (
+    DEAD_EXCHANGE,
     Topology,
     base_topology,
     command_queue,
@@ -59,6 +62,10 @@ class RuntimeContext:
     log: Logger
     base_url: str
     routes: dict[str, WebhookRoute] = field(default_factory=dict)
+    #: Set by the service before the connector starts.
+    publisher: EventPublisher | None = None
+    bus: Bus | None = None
+    publish_timeout: float = 5.0
 
     def webhook_url(self, route: str, **path_params: str) -> str:
         """Public URL of one of this connector's routes."""
@@ -70,6 +77,25 @@ class RuntimeContext:
     def now(self) -> datetime:
         """Current UTC time."""
         return datetime.now(UTC)
+
+    async def publish(self, events: Sequence[Event]) -> None:
+        """Publish events from a non-HTTP listener with dedup and confirms."""
+        if self.publisher is None:
+            raise TransientError("connector publishes before the service wired its publisher")
+        await self.publisher.publish_inbound(events, dedup_ttl=self.spec.dedup_ttl_seconds)
+
+    async def quarantine(self, event: Event) -> None:
+        """Publish an event to ``channels.dead`` as ``quarantine.<channel>.<provider>``.
+
+        The dead-letter exchange is always bound to the persistent dead-letter
+        queue, so quarantined input needs no topology of its own.
+        """
+        if self.bus is None:
+            raise TransientError("connector quarantines before the service wired its bus")
+        routing_key = f"quarantine.{event.channel}.{event.provider}"
+        await self.bus.publish(
+            DEAD_EXCHANGE, routing_key, encode_event(event), timeout=self.publish_timeout
+        )
 
 
 @dataclass(kw_only=True)
@@ -175,6 +201,8 @@ class Service:
                 publish_timeout=self.settings.broker.publish_timeout,
                 pending_wait=self.settings.dedup.pending_wait,
             )
+            context.publisher, context.bus = publisher, self.bus
+            context.publish_timeout = self.settings.broker.publish_timeout
             worker = CommandWorker(spec, connector, publisher, self.store, self.settings.send)
             self.hosted.append(
                 HostedConnector(
