@@ -14,7 +14,8 @@ Public interface (used by the gRPC server in ``gateway/server``)::
     await ledger.close()
 
 Errors: :class:`IdempotencyConflictError` (key reused for another request),
-:class:`MessageNotFoundError` (``get``), :class:`InvalidPageTokenError` and
+:class:`MessageNotFoundError` (``get``), :class:`NotRetryableError`
+(``retry`` of a message that did not fail), :class:`InvalidPageTokenError` and
 ``ValueError`` (bad list arguments); database outages surface as SQLAlchemy
 errors.
 
@@ -41,6 +42,7 @@ from gateway.ledger.models import (
     REASON_FALLBACK_TTL,
     REASON_LATE_DELIVERY,
     REASON_REJECTED,
+    REASON_RETRY,
     REASON_TIMEOUT,
     Attempt,
     EntryKind,
@@ -53,6 +55,7 @@ from gateway.ledger.models import (
     MessageNotFoundError,
     MessageRecord,
     NewMessage,
+    NotRetryableError,
     Page,
     StatusEntry,
     StatusUpdate,
@@ -77,6 +80,7 @@ __all__ = [
     "REASON_FALLBACK_TTL",
     "REASON_LATE_DELIVERY",
     "REASON_REJECTED",
+    "REASON_RETRY",
     "REASON_TIMEOUT",
     "Applied",
     "Attempt",
@@ -92,6 +96,7 @@ __all__ = [
     "MessageNotFoundError",
     "MessageRecord",
     "NewMessage",
+    "NotRetryableError",
     "Page",
     "StatusEntry",
     "StatusIngestor",

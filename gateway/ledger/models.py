@@ -41,6 +41,8 @@ REASON_FALLBACK_TTL = "fallback_ttl_expired"
 REASON_REJECTED = "channel_rejected"
 #: ``reason_code`` of a SWITCHING_CHANNEL entry caused by the step's wait running out.
 REASON_TIMEOUT = "channel_timeout"
+#: ``reason_code`` of the ACCEPTED entry of an explicit retry.
+REASON_RETRY = "retry"
 #: ``reason_code`` of a LATE_DELIVERY entry.
 REASON_LATE_DELIVERY = "late_delivery"
 
@@ -381,3 +383,7 @@ class InvalidPageTokenError(LedgerError, ValueError):
 
 class MessageNotFoundError(LedgerError, LookupError):
     """No message with that id."""
+
+
+class NotRetryableError(LedgerError):
+    """Only a message in a failed final state can be retried."""

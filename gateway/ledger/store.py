@@ -52,6 +52,7 @@ from gateway.ledger.models import (
     REASON_FALLBACK_TTL,
     REASON_LATE_DELIVERY,
     REASON_REJECTED,
+    REASON_RETRY,
     REASON_TIMEOUT,
     REJECTED_STATES,
     Attempt,
@@ -63,6 +64,7 @@ from gateway.ledger.models import (
     MessageNotFoundError,
     MessageRecord,
     NewMessage,
+    NotRetryableError,
     Page,
     StatusEntry,
     StatusUpdate,
@@ -841,6 +843,76 @@ class Ledger:
             action=TimerAction.SWITCHED, record=record, entries=tuple(entries), command=command
         )
 
+    async def retry(self, message_id: str) -> tuple[MessageRecord, SendMessageCommand]:
+        """Explicit retry: a new attempt on the message's current channel.
+
+        The only way out of a failed final state (FAILED, UNDELIVERED, EXPIRED,
+        CANCELED); anything else raises :class:`NotRetryableError`. The message
+        goes back to ACCEPTED with attempt + 1 (a ``retry`` entry in the
+        timeline); statuses of the earlier attempts no longer move it, and a
+        DELIVERED of one of them becomes a late delivery. Returns the record
+        and the command to publish (then call :meth:`mark_dispatched`). A
+        fallback policy is not restarted.
+        """
+        now = _db_time(self.now())
+        async with self._write() as conn:
+            row = await _lock_message(conn, message_id)
+            if row is None:
+                raise MessageNotFoundError(message_id)
+            if int(row.state) not in REJECTED_STATES:
+                raise NotRetryableError(
+                    f"message {message_id} is {DeliveryState.Name(row.state)}; only a failed "
+                    "message can be retried"
+                )
+            if not row.command:
+                raise NotRetryableError(f"message {message_id} has no stored command")
+            attempts = await _attempts(conn, message_id)
+            current = attempts[int(row.attempt) - 1]
+            number = len(attempts) + 1
+            await conn.execute(
+                schema.attempts.insert(),
+                {
+                    "message_id": message_id,
+                    "attempt": number,
+                    "channel": current.channel,
+                    "provider": current.provider,
+                    "address": current.address,
+                    "state": S.DELIVERY_STATE_ACCEPTED,
+                    "provider_message_id": "",
+                    "dispatched": False,
+                    "created_at": now,
+                },
+            )
+            await conn.execute(
+                update(schema.messages)
+                .where(schema.messages.c.message_id == message_id)
+                .values(attempt=number)
+            )
+            new_attempt = replace(
+                current,
+                attempt=number,
+                state=S.DELIVERY_STATE_ACCEPTED,
+                provider_message_id="",
+                dispatched=False,
+                created_at=_out_time(now),
+            )
+            await _transition(
+                conn,
+                row,
+                state=S.DELIVERY_STATE_ACCEPTED,
+                attempt=new_attempt,
+                reason_code=REASON_RETRY,
+                reason=f"explicit retry after {DeliveryState.Name(row.state)}",
+                permanent=False,
+                now=now,
+            )
+            command = _next_command(
+                row.command, current.channel, current.provider, current.address, number
+            )
+        # Statuses of the new attempt may have arrived before it existed.
+        await self._drain(message_ids=[message_id])
+        return await self.get(message_id), command
+
     async def undispatched(
         self, older_than: datetime, limit: int = 100
     ) -> Sequence[tuple[str, int]]:
@@ -932,26 +1004,26 @@ async def _attempts(conn: AsyncConnection, message_id: str) -> list[Attempt]:
 
 
 def _match_attempt(attempts: Sequence[Attempt], update: StatusUpdate, current: int) -> Attempt:
+    """The attempt a status is about: by provider id, then attempt number, then the
+    latest attempt on the status's connector, else the current attempt. An attempt
+    that already has another provider id never matches."""
     if update.provider_message_id:
         for att in attempts:
             if att.provider_message_id == update.provider_message_id:
                 return att
 
     def fits(att: Attempt) -> bool:
-        return (not update.channel or att.channel == update.channel) and (
-            not update.provider or att.provider == update.provider
+        return (
+            (not update.channel or att.channel == update.channel)
+            and (not update.provider or att.provider == update.provider)
+            and (not att.provider_message_id or not update.provider_message_id)
         )
 
     if 0 < update.attempt <= len(attempts) and fits(attempts[update.attempt - 1]):
         return attempts[update.attempt - 1]
     if update.channel or update.provider:
-        # Latest attempt on that connector whose provider id is not another one.
         for att in reversed(attempts):
-            if fits(att) and (
-                not att.provider_message_id
-                or not update.provider_message_id
-                or att.provider_message_id == update.provider_message_id
-            ):
+            if fits(att):
                 return att
     return attempts[current - 1]
 

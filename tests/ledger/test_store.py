@@ -188,3 +188,53 @@ async def test_purge_removes_settled_messages_only(ledger: Ledger, clock: FakeCl
     # The key is free again.
     _, created = await ledger.accept(new("k-done"))
     assert created
+
+
+async def test_explicit_retry_is_the_way_out_of_a_failure(ledger: Ledger) -> None:
+    from gateway.api.v1.command_pb2 import SendMessageCommand
+    from gateway.ledger import REASON_RETRY, NotRetryableError
+
+    command = SendMessageCommand(message_id="m-retry", channel="sms", provider="twilio", attempt=1)
+    await ledger.accept(new("k1", message_id="m-retry", command=command.SerializeToString()))
+    await ledger.apply_status(
+        StatusUpdate(state=S.DELIVERY_STATE_SENT, message_id="m-retry", provider_message_id="SM1")
+    )
+    with pytest.raises(NotRetryableError):
+        await ledger.retry("m-retry")  # in flight: not failed
+    await ledger.apply_status(
+        StatusUpdate(state=S.DELIVERY_STATE_UNDELIVERED, provider_message_id="SM1")
+    )
+    retried, again = await ledger.retry("m-retry")
+    assert again.attempt == 2
+    assert again.channel == "sms"
+    assert (retried.state, retried.attempt, retried.dispatched) == (
+        S.DELIVERY_STATE_ACCEPTED,
+        2,
+        False,
+    )
+    assert retried.timeline[-1].reason_code == REASON_RETRY
+    # Twilio's callbacks say attempt 1 whatever the attempt; the new SID still finds attempt 2.
+    await ledger.apply_status(
+        StatusUpdate(
+            state=S.DELIVERY_STATE_SENT, message_id="m-retry", attempt=2, provider_message_id="SM2"
+        )
+    )
+    done = await ledger.apply_status(
+        StatusUpdate(
+            state=S.DELIVERY_STATE_DELIVERED,
+            provider_message_id="SM2",
+            channel="sms",
+            provider="twilio",
+            attempt=1,
+        )
+    )
+    assert done is not None
+    assert done.state == S.DELIVERY_STATE_DELIVERED
+    assert [a.state for a in done.attempts] == [
+        S.DELIVERY_STATE_UNDELIVERED,
+        S.DELIVERY_STATE_DELIVERED,
+    ]
+    with pytest.raises(NotRetryableError):
+        await ledger.retry("m-retry")
+    with pytest.raises(MessageNotFoundError):
+        await ledger.retry("nope")
