@@ -100,6 +100,8 @@ class RabbitMQNode:
             "RABBITMQ_ENABLED_PLUGINS_FILE": str(base / "enabled_plugins"),
             "RABBITMQ_ADVANCED_CONFIG_FILE": str(base / "advanced.config"),
             "ERL_EPMD_ADDRESS": "127.0.0.1",
+            # Erlang distribution on loopback only, like the AMQP listener.
+            "RABBITMQ_SERVER_ADDITIONAL_ERL_ARGS": "-kernel inet_dist_use_interface {127,0,0,1}",
         }
 
     @classmethod
