@@ -16,12 +16,14 @@ import asyncio
 import contextlib
 import signal
 from collections.abc import Callable, Collection
+from wsgiref.simple_server import WSGIServer
 
 import grpc
 from grpc import aio
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1._async import HealthServicer
 from grpc_reflection.v1alpha import reflection
+from prometheus_client import start_http_server
 
 from gateway.api.v1 import gateway_service_pb2, gateway_service_pb2_grpc
 from gateway.api.v1.envelope_pb2 import Event
@@ -103,6 +105,7 @@ class GatewayServer:
         self._ingestor: StatusIngestor | None = None
         self._engine: FallbackEngine | None = None
         self._health_task: asyncio.Task[None] | None = None
+        self._metrics: WSGIServer | None = None
         self.port: int | None = None
 
     @property
@@ -152,6 +155,8 @@ class GatewayServer:
             directory=self.directory,
             events=self.events,
             publish_timeout=self.settings.broker.publish_timeout,
+            page_size=self.gateway.default_page_size,
+            max_page_size=self.gateway.max_page_size,
         )
         server = aio.server()
         gateway_service_pb2_grpc.add_GatewayServiceServicer_to_server(servicer, server)
@@ -169,6 +174,9 @@ class GatewayServer:
             raise OSError(f"cannot listen on {self.gateway.host}:{self.gateway.port}")
         await server.start()
         self._server = server
+        if self.gateway.metrics_port is not None:
+            self._metrics, _ = start_http_server(self.gateway.metrics_port, addr=self.gateway.host)
+            log.info("metrics served", port=self._metrics.server_port)
         serving = self.bus.is_ready()
         await self._set_health(serving)
         self._health_task = asyncio.create_task(self._follow_health(serving), name="gateway health")
@@ -231,6 +239,10 @@ class GatewayServer:
             self._ingestor = None
         if self._probe is not None:
             await self._probe.close()
+        if self._metrics is not None:
+            self._metrics.shutdown()
+            self._metrics.server_close()
+            self._metrics = None
         if self._owns_ledger:
             await self.ledger.close()
         if self._owns_bus:

@@ -9,6 +9,7 @@ is left of it.
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import AsyncIterator, Awaitable
 from datetime import UTC, timedelta
 from typing import Any, NoReturn, TypeVar
@@ -57,6 +58,7 @@ from gateway.server.content import Violation, adapt
 from gateway.server.convert import outbound_message
 from gateway.server.errors import RpcError, invalid
 from gateway.server.events import EventHub
+from gateway.server.metrics import MESSAGES, RPC_SECONDS, RPCS
 from gateway.server.sending import normalize_address, prepare_send
 
 log = get_logger("gateway.server")
@@ -75,30 +77,47 @@ async def _abort(context: Context, error: RpcError) -> NoReturn:
     raise AssertionError("unreachable: abort raises")  # pragma: no cover
 
 
-async def _answer(context: Context, work: Awaitable[T]) -> T:
-    # The whole handler runs within the caller's deadline (None: no deadline).
-    deadline = asyncio.timeout(context.time_remaining())
+async def _answer(context: Context, method: str, work: Awaitable[T]) -> T:
+    """Run a handler: within the deadline, errors as rich statuses, counted."""
+    started = time.perf_counter()
+    code = "OK"
+    try:
+        return await _within_deadline(work, context.time_remaining())
+    except RpcError as exc:
+        code = exc.code.name
+        await _abort(context, exc)
+    except asyncio.CancelledError:
+        code = "CANCELLED"
+        raise
+    except Exception:
+        code = "UNKNOWN"
+        log.exception("unexpected error in handler", method=method)
+        raise
+    finally:
+        RPCS.labels(method, code).inc()
+        RPC_SECONDS.labels(method).observe(time.perf_counter() - started)
+
+
+async def _within_deadline(work: Awaitable[T], remaining: float | None) -> T:
+    """``work`` bounded by what is left of the caller's deadline (None: no deadline);
+    a timeout or a ledger failure becomes an RpcError."""
+    deadline = asyncio.timeout(remaining)
     try:
         async with deadline:
             return await work
     except TimeoutError as exc:
         if deadline.expired():
-            await _abort(context, RpcError(grpc.StatusCode.DEADLINE_EXCEEDED, "deadline exceeded"))
+            raise RpcError(grpc.StatusCode.DEADLINE_EXCEEDED, "deadline exceeded") from exc
         log.error("a dependency timed out", error=repr(exc))
-        await _abort(context, RpcError(grpc.StatusCode.UNAVAILABLE, "a dependency timed out"))
-    except RpcError as exc:
-        await _abort(context, exc)
+        raise RpcError(grpc.StatusCode.UNAVAILABLE, "a dependency timed out") from exc
     except (SQLAlchemyError, OSError) as exc:
         # The database's own message may name hosts and users: log it, answer plainly.
         log.error("delivery ledger unavailable", error=repr(exc))
-        await _abort(
-            context,
-            RpcError(
-                grpc.StatusCode.UNAVAILABLE,
-                "the delivery ledger is unavailable; retry (with the same idempotency_key)",
-                reason="LEDGER_UNAVAILABLE",
-            ),
-        )
+        raise RpcError(
+            grpc.StatusCode.UNAVAILABLE,
+            "the delivery ledger is unavailable; retry (with the same idempotency_key)",
+            reason="LEDGER_UNAVAILABLE",
+        ) from exc
 
 
 def _budget(context: Context, limit: float) -> float:
@@ -122,10 +141,13 @@ class GatewayServicer(gateway_service_pb2_grpc.GatewayServiceServicer):
         directory: ConnectorDirectory,
         events: EventHub,
         publish_timeout: float,
+        page_size: int = 50,
+        max_page_size: int = 1000,
     ) -> None:
         self._ledger, self._directory, self._events = ledger, directory, events
         self._bus = bus
         self._publish_timeout = publish_timeout
+        self._page_size, self._max_page_size = page_size, max_page_size
 
     # -- SendMessage -----------------------------------------------------------
 
@@ -134,7 +156,7 @@ class GatewayServicer(gateway_service_pb2_grpc.GatewayServiceServicer):
         request: SendMessageRequest,
         context: aio.ServicerContext[SendMessageRequest, SendMessageResponse],
     ) -> SendMessageResponse:
-        return await _answer(context, self._send(request, context))
+        return await _answer(context, "SendMessage", self._send(request, context))
 
     async def _send(self, request: SendMessageRequest, context: Context) -> SendMessageResponse:
         with tracer().start_as_current_span(
@@ -173,6 +195,9 @@ class GatewayServicer(gateway_service_pb2_grpc.GatewayServiceServicer):
                 span.set_status(Status(StatusCode.ERROR, exc.message))
                 span.set_attribute("rpc.grpc.status_code", exc.code.value[0])
                 raise
+            MESSAGES.labels(
+                f"{record.channel}.{record.provider}", "accepted" if created else "replayed"
+            ).inc()
             log.info(
                 "message accepted" if created else "idempotent replay",
                 message_id=record.message_id,
@@ -261,7 +286,7 @@ class GatewayServicer(gateway_service_pb2_grpc.GatewayServiceServicer):
         request: GetMessageRequest,
         context: aio.ServicerContext[GetMessageRequest, GetMessageResponse],
     ) -> GetMessageResponse:
-        return await _answer(context, self._get(request))
+        return await _answer(context, "GetMessage", self._get(request))
 
     async def _get(self, request: GetMessageRequest) -> GetMessageResponse:
         if not request.message_id:
@@ -277,7 +302,7 @@ class GatewayServicer(gateway_service_pb2_grpc.GatewayServiceServicer):
         request: ListMessagesRequest,
         context: aio.ServicerContext[ListMessagesRequest, ListMessagesResponse],
     ) -> ListMessagesResponse:
-        return await _answer(context, self._list(request))
+        return await _answer(context, "ListMessages", self._list(request))
 
     async def _list(self, request: ListMessagesRequest) -> ListMessagesResponse:
         if request.page_size < 0:
@@ -301,7 +326,9 @@ class GatewayServicer(gateway_service_pb2_grpc.GatewayServiceServicer):
             until=until,
         )
         try:
-            page = await self._ledger.list(flt, request.page_size, request.page_token)
+            # AIP-158: no size means the default; a larger one than allowed is capped.
+            size = min(request.page_size or self._page_size, self._max_page_size)
+            page = await self._ledger.list(flt, size, request.page_token)
         except InvalidPageTokenError as exc:
             raise invalid(
                 [
@@ -322,7 +349,7 @@ class GatewayServicer(gateway_service_pb2_grpc.GatewayServiceServicer):
         request: ListConnectorsRequest,
         context: aio.ServicerContext[ListConnectorsRequest, ListConnectorsResponse],
     ) -> ListConnectorsResponse:
-        return await _answer(context, self._connectors(request))
+        return await _answer(context, "ListConnectors", self._connectors(request))
 
     async def _connectors(self, request: ListConnectorsRequest) -> ListConnectorsResponse:
         return ListConnectorsResponse(connectors=await self._directory.describe(request.channel))
@@ -334,7 +361,7 @@ class GatewayServicer(gateway_service_pb2_grpc.GatewayServiceServicer):
         request: PreviewMessageRequest,
         context: aio.ServicerContext[PreviewMessageRequest, PreviewMessageResponse],
     ) -> PreviewMessageResponse:
-        return await _answer(context, self._preview(request))
+        return await _answer(context, "PreviewMessage", self._preview(request))
 
     async def _preview(self, request: PreviewMessageRequest) -> PreviewMessageResponse:
         target = request.target
@@ -377,13 +404,22 @@ class GatewayServicer(gateway_service_pb2_grpc.GatewayServiceServicer):
         request: StreamEventsRequest,
         context: aio.ServicerContext[StreamEventsRequest, StreamEventsResponse],
     ) -> AsyncIterator[StreamEventsResponse]:
+        started = time.perf_counter()
+        code = "OK"
         try:
             async for item in self._events.stream(request.bindings, request.cursor):
                 yield StreamEventsResponse(
                     event=item.event, routing_key=item.routing_key, cursor=item.cursor
                 )
         except RpcError as exc:
+            code = exc.code.name
             await _abort(context, exc)
+        except (asyncio.CancelledError, GeneratorExit):
+            code = "CANCELLED"  # the client went away
+            raise
+        finally:
+            RPCS.labels("StreamEvents", code).inc()
+            RPC_SECONDS.labels("StreamEvents").observe(time.perf_counter() - started)
 
 
 __all__ = ["SERVICE_NAME", "GatewayServicer"]

@@ -36,6 +36,8 @@ class GatewaySettings(BaseModel):
     max_page_size: int = Field(default=1000, gt=0)
     #: Provider to use per channel when several connectors of it are enabled.
     default_providers: dict[str, str] = {}
+    #: Serve Prometheus metrics (``/metrics``) on this port of ``host``; None: off.
+    metrics_port: int | None = Field(default=None, ge=0, le=65535)
     #: Consume status events in this process (the ledger's ingestor) and run
     #: the fallback engine. Switch off only to run a read-only API replica.
     run_ingestor: bool = True

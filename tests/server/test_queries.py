@@ -7,6 +7,7 @@ from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
+import aiohttp
 import grpc
 import pytest
 from google.protobuf import descriptor_pb2
@@ -437,6 +438,43 @@ async def test_streams_end_unavailable_when_the_gateway_stops(tmp_path: Path) ->
         with pytest.raises(aio.AioRpcError) as err:
             await call.read()
         assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+    finally:
+        await channel.close()
+        await server.stop()
+        await bus.close()
+
+
+async def test_page_size_default_and_cap_and_metrics(tmp_path: Path) -> None:
+    bus = InMemoryBus()
+    await bus.connect()
+    config = settings(tmp_path, default_page_size=2, max_page_size=3, metrics_port=0)
+    server, channel = await start_gateway(config, bus=bus)
+    try:
+        stub = GatewayServiceStub(channel)
+        for i in range(5):
+            await stub.SendMessage(text_request(f"m{i}"), timeout=5)
+        assert len((await stub.ListMessages(ListMessagesRequest(), timeout=5)).messages) == 2
+        capped = await stub.ListMessages(ListMessagesRequest(page_size=100), timeout=5)
+        assert len(capped.messages) == 3
+        with pytest.raises(aio.AioRpcError):
+            await stub.SendMessage(text_request(""), timeout=5)
+
+        assert server._metrics is not None
+        url = f"http://127.0.0.1:{server._metrics.server_port}/metrics"
+        async with aiohttp.ClientSession() as http, http.get(url) as resp:
+            text = await resp.text()
+        samples = {
+            line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1])
+            for line in text.splitlines()
+            if line.startswith("gateway_")
+        }
+        # Counters are per process: other tests' calls may be in them too.
+        assert samples['gateway_grpc_requests_total{code="OK",method="SendMessage"}'] >= 5
+        assert (
+            samples['gateway_grpc_requests_total{code="INVALID_ARGUMENT",method="SendMessage"}']
+            >= 1
+        )
+        assert samples['gateway_messages_total{connector="sms.twilio",outcome="accepted"}'] >= 5
     finally:
         await channel.close()
         await server.stop()
