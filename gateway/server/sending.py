@@ -164,7 +164,9 @@ def _check_shape(request: SendMessageRequest) -> list[Violation]:
             v.append(Violation("fallback.ttl", "must not be negative"))
         for i, step in enumerate(steps):
             path = f"fallback.steps[{i}]"
-            if step.channel not in channels:
+            if any(earlier.channel == step.channel for earlier in steps[:i]):
+                v.append(Violation(f"{path}.channel", f"{step.channel!r} is an earlier step too"))
+            elif step.channel not in channels:
                 v.append(
                     Violation(
                         f"{path}.channel",

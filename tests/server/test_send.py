@@ -167,6 +167,10 @@ async def test_reused_key_with_other_content_is_already_exists(gateway: Gateway)
             lambda r: r.fallback.steps.append(FallbackStep(channel="email")),
             "fallback.steps[0].channel",
         ),
+        (
+            lambda r: r.fallback.steps.extend([FallbackStep(channel="sms")] * 2),
+            "fallback.steps[1].channel",
+        ),
     ],
 )
 async def test_invalid_requests_are_invalid_argument_with_field_violations(
