@@ -98,8 +98,9 @@ def configure_logging(level: str = "INFO", fmt: str = "json") -> None:
             structlog.processors.add_log_level,
             structlog.processors.TimeStamper(fmt="iso", utc=True),
             _add_trace_ids,
-            _redact,
+            # Render tracebacks first, so the redaction covers what they say too.
             structlog.processors.format_exc_info,
+            _redact,
             renderer,
         ],
         wrapper_class=structlog.make_filtering_bound_logger(numeric),

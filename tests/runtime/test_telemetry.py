@@ -116,3 +116,17 @@ def test_level_filtering(lines: Any) -> None:
     log.info("hidden")
     log.warning("shown")
     assert [line["event"] for line in lines()] == ["shown"]
+
+
+def test_exception_text_is_masked_too(lines: Any) -> None:
+    _configure()
+    log = get_logger("test.exc")
+    try:
+        raise ValueError("twilio rejected +14155550100 for jane@example.com")
+    except ValueError:
+        log.exception("send failed")
+    (line,) = lines()
+    assert "ValueError" in line["exception"]
+    assert "+1415*****00" in line["exception"]
+    assert "4155550100" not in line["exception"]
+    assert "jane@" not in line["exception"]
