@@ -183,6 +183,8 @@ class FallbackEngine:
             attempt=record.attempt if record else None,
         )
         await emit_notices(self._emit, record, outcome.entries)
+        for released in outcome.released:
+            await emit_notices(self._emit, released.record, released.entries)
         if outcome.command is not None and record is not None:
             await self._dispatch(outcome.command)
 

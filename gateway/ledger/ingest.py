@@ -175,9 +175,10 @@ class StatusIngestor:
         if event.attributes.get(ORIGIN_ATTRIBUTE) == ORIGIN_LEDGER:
             return  # our own notice: already in the ledger
         applied = await self.apply(event)
-        if applied.fallback_due and self._engine is not None:
-            self._engine.wake()
-        await emit_notices(self._emit, applied.record, applied.entries)
+        for result in (applied, *applied.released):
+            if result.fallback_due and self._engine is not None:
+                self._engine.wake()
+            await emit_notices(self._emit, result.record, result.entries)
 
     async def apply(self, event: Event) -> Applied:
         """Apply one status event to the ledger (without the bus), group-committed with

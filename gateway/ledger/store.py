@@ -156,6 +156,9 @@ class Applied:
     pending: bool = False
     #: True when the status made a fallback timer due now (wake the engine).
     fallback_due: bool = False
+    #: Pending statuses this one (or its batch) let through: they were applied
+    #: now, and their entries are news too (e.g. a late delivery).
+    released: tuple[Applied, ...] = ()
 
 
 class TimerAction:
@@ -180,6 +183,8 @@ class TimerOutcome:
     record: MessageRecord | None
     entries: tuple[StatusEntry, ...] = ()
     command: SendMessageCommand | None = None
+    #: Pending statuses of the new attempt, applied once it existed.
+    released: tuple[Applied, ...] = ()
 
 
 class Ledger:
@@ -375,7 +380,7 @@ class Ledger:
         # commits second drains them.
         if (has_pending or not self._serial_writes) and (
             await self._drain(message_ids=[new.message_id])
-        )[1]:
+        ).applied_ids:
             record = await self.get(new.message_id)
         return record, True
 
@@ -433,15 +438,15 @@ class Ledger:
         return await self._apply_and_drain(items)
 
     async def _apply_and_drain(self, items: list[_Item]) -> list[Applied]:
-        results, _, _ = await self._apply_batch_and_drain(items)
-        return results
+        drained = await self._apply_batch_and_drain(items)
+        if drained.released and drained.results:
+            # Reported once, with the first status of the batch.
+            first = drained.results[0]
+            drained.results[0] = replace(first, released=tuple(drained.released))
+        return drained.results
 
-    async def _apply_batch_and_drain(
-        self, items: list[_Item]
-    ) -> tuple[list[Applied], dict[str, MessageRecord], set[str]]:
-        """Apply a batch, then drain what it released. Returns the results, the latest
-        record of every message touched (batch and drains), and the event ids of
-        pending statuses the drains applied."""
+    async def _apply_batch_and_drain(self, items: list[_Item]) -> _Drained:
+        """Apply a batch, then drain the pending statuses it released."""
         for attempt in range(1, _CONFLICT_RETRIES + 1):
             try:
                 async with self._write() as conn:
@@ -456,7 +461,11 @@ class Ledger:
                     raise
                 await asyncio.sleep(0.01 * attempt)
         latest = {a.record.message_id: a.record for a in outcome.results if a.record}
-        applied_ids = {i.event_id for i, a in zip(items, outcome.results, strict=True) if a.entries}
+        applied_ids = {
+            i.event_id
+            for i, a in zip(items, outcome.results, strict=True)
+            if not a.pending and not a.duplicate
+        }
         # Statuses waiting for a provider id that is now linked; and statuses
         # kept pending for a message (or provider id) that was recorded between
         # our read and our commit: whoever commits second drains.
@@ -468,12 +477,10 @@ class Ledger:
                 message_ids = await self._existing(outcome.unknown_message_ids)
             if outcome.unknown_provider_ids:
                 provider_ids |= await self._linked(outcome.unknown_provider_ids)
-        drained_latest, drained_ids = await self._drain(
-            message_ids=message_ids, provider_ids=provider_ids
-        )
-        if not drained_ids:
-            return outcome.results, latest, applied_ids
-        latest.update(drained_latest)
+        drained = await self._drain(message_ids=message_ids, provider_ids=provider_ids)
+        if not drained.applied_ids:
+            return _Drained(outcome.results, latest, applied_ids, [])
+        latest.update(drained.latest)
         by_provider_id = {
             a.provider_message_id: r
             for r in latest.values()
@@ -484,12 +491,13 @@ class Ledger:
         for item, result in zip(items, outcome.results, strict=True):
             if result.record is not None:
                 result = replace(result, record=latest[result.record.message_id])
-            if result.pending and item.event_id in drained_ids:
+            if result.pending and item.event_id in drained.applied_ids:
                 u = item.update
                 record = latest.get(u.message_id) or by_provider_id.get(u.provider_message_id)
                 result = replace(result, record=record, pending=False)
             results.append(result)
-        return results, latest, applied_ids | drained_ids
+        released = [r for r in drained.results if r.entries or r.fallback_due]
+        return _Drained(results, latest, applied_ids | drained.applied_ids, released)
 
     async def _existing(self, message_ids: set[str]) -> set[str]:
         async with self._read() as conn:
@@ -511,16 +519,15 @@ class Ledger:
 
     async def _drain(
         self, *, message_ids: Iterable[str] = (), provider_ids: Iterable[str] = ()
-    ) -> tuple[dict[str, MessageRecord], set[str]]:
+    ) -> _Drained:
         """Apply pending statuses of these messages / provider ids, oldest first.
 
         Each is taken (deleted) in the transaction that applies it, so
         concurrent drains never apply one twice and a crash loses none.
-        Returns the latest records it touched and the event ids it applied.
         """
         mids, pids = sorted(set(message_ids)), sorted(set(provider_ids))
         if not mids and not pids:
-            return {}, set()
+            return _Drained([], {}, set(), [])
         p = schema.pending.c
         conditions = []
         if mids:
@@ -536,12 +543,13 @@ class Ledger:
                 )
             ).all()
         if not rows:
-            return {}, set()
+            return _Drained([], {}, set(), [])
         items = [
             _Item(_update_from_json(r.payload), str(r.event_id), from_pending=True) for r in rows
         ]
-        _, latest, applied_ids = await self._apply_batch_and_drain(items)
-        return latest, applied_ids
+        drained = await self._apply_batch_and_drain(items)
+        # Flatten: what these statuses released in turn is released too.
+        return replace(drained, results=[*drained.results, *drained.released], released=[])
 
     async def purge(self, before: datetime, *, limit: int = 1000) -> int:
         """Retention: delete settled messages last updated before ``before``.
@@ -838,9 +846,13 @@ class Ledger:
             command = _next_command(row.command, nxt.channel, nxt.provider, nxt.address, number)
             record = await _load(conn, message_id)
         # Statuses of the new attempt may have arrived before it existed.
-        await self._drain(message_ids=[message_id])
+        drained = await self._drain(message_ids=[message_id])
         return TimerOutcome(
-            action=TimerAction.SWITCHED, record=record, entries=tuple(entries), command=command
+            action=TimerAction.SWITCHED,
+            record=record,
+            entries=tuple(entries),
+            command=command,
+            released=tuple(r for r in drained.results if r.entries),
         )
 
     async def retry(self, message_id: str) -> tuple[MessageRecord, SendMessageCommand]:
@@ -1129,6 +1141,17 @@ async def _transition(
         occurred_at=now,
         recorded_at=now,
     )
+
+
+@dataclass
+class _Drained:
+    results: list[Applied]
+    #: The latest record of every message touched.
+    latest: dict[str, MessageRecord]
+    #: Event ids applied (not left pending, not duplicates).
+    applied_ids: set[str]
+    #: Results of pending statuses that were applied because of this batch.
+    released: list[Applied]
 
 
 @dataclass(frozen=True)

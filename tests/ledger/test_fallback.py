@@ -424,3 +424,41 @@ async def test_engine_loop_reacts_to_a_rejection(
         await engine.stop()
     assert (await ledger.get(record.message_id)).attempt == 2
     assert command.attempt == 2
+
+
+async def test_a_late_delivery_released_from_pending_is_still_announced(
+    ledger: Ledger, engine: FallbackEngine, bus: InMemoryBus, clock: FakeClock, emitted: Emitted
+) -> None:
+    record = await accept(ledger)
+    clock.advance(seconds=61)
+    await engine.run_once()  # switched to whatsapp without any status from sms
+    ingestor = StatusIngestor(bus, ledger, engine=engine, emit=emitted)
+    emitted.events.clear()
+
+    def sms_event(event_id: str, state: int, message_id: str) -> Event:
+        event = Event(id=event_id, type="message.status", channel="sms", provider="twilio")
+        event.status.state = state  # type: ignore[assignment]
+        event.status.message_id = message_id
+        event.status.provider_message_id = "SM-late"
+        event.status.attempt = 1
+        return event
+
+    # The carrier's receipt only carries the SID, and comes before the SENT that links it.
+    receipt = await ingestor.apply(sms_event("ev-dlr", S.DELIVERY_STATE_DELIVERED, ""))
+    assert receipt.pending
+    sent = sms_event("ev-sent", S.DELIVERY_STATE_SENT, record.message_id)
+    await ingestor.handle(
+        Delivery(
+            body=sent.SerializeToString(),
+            message_id=sent.id,
+            type=EVENT_TYPE_NAME,
+            content_type="application/protobuf",
+            headers={},
+            exchange=EVENTS_EXCHANGE,
+            routing_key=event_routing_key(sent),
+            redelivered=False,
+        )
+    )
+    late = [e for e in emitted.events if e.attributes.get(LATE_DELIVERY_ATTRIBUTE) == "true"]
+    assert [e.status.attempt for e in late] == [1]
+    assert (await ledger.get(record.message_id)).late_delivery
