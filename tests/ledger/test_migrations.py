@@ -4,13 +4,17 @@ backends, and migrating is idempotent and safe to run from several replicas at o
 from __future__ import annotations
 
 import asyncio
+from pathlib import Path
 from typing import Any
 
 import pytest
+from alembic import command
 from alembic.autogenerate import compare_metadata
+from alembic.config import Config
 from alembic.migration import MigrationContext
 from sqlalchemy import Connection, inspect
 
+import gateway.ledger.migrations as migrations
 from gateway.ledger import open_ledger
 from gateway.ledger.schema import metadata
 from tests.ledger.conftest import Backend
@@ -54,3 +58,15 @@ async def test_migrations_match_the_schema(backend: Backend) -> None:
 def test_bad_urls_are_refused(url: str, message: str) -> None:
     with pytest.raises(ValueError, match=message):
         open_ledger(url)
+
+
+def test_offline_sql_for_a_dba(capsys: pytest.CaptureFixture[str]) -> None:
+    ini = Path(migrations.__file__).parent / "alembic.ini"
+    config = Config(str(ini), cmd_opts=None)
+    config.set_main_option("sqlalchemy.url", "postgresql://")
+    command.upgrade(config, "head", sql=True)
+    sql = capsys.readouterr().out
+    assert "CREATE TABLE ledger_messages" in sql
+    assert "CREATE INDEX ix_ledger_attempts_undispatched" in sql
+    assert "WHERE NOT dispatched" in sql
+    assert "ledger_alembic_version" in sql
