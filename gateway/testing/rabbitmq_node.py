@@ -9,6 +9,8 @@ and removes every trace of it on :meth:`RabbitMQNode.stop`.
         url = node.url           # amqp://guest:guest@127.0.0.1:<port>/
         node.stop_app()          # broker down (connections cut, port closed)
         node.start_app()         # broker back
+        node.pause()             # broker hung (SIGSTOP): connections open, no answers
+        node.resume()
 
 The node runs as a child process in its own process group; the helper only
 ever signals that group. ``rabbitmqctl`` is run with ``HOME`` set to the node's
@@ -215,11 +217,25 @@ class RabbitMQNode:
         self.ctl("start_app", timeout=timeout)
         self.wait_ready(timeout=timeout)
 
+    def pause(self) -> None:
+        """Freeze the node (SIGSTOP): connections stay open but nothing answers."""
+        self._signal(signal.SIGSTOP)
+
+    def resume(self) -> None:
+        """Unfreeze the node after :meth:`pause`."""
+        self._signal(signal.SIGCONT)
+
+    def _signal(self, sig: signal.Signals) -> None:
+        if self._process is None or self._process.poll() is not None:
+            raise RabbitMQNodeError("the private node is not running")
+        os.killpg(self._process.pid, sig)
+
     def stop(self) -> None:
         """Stop the node (gracefully, then by force) and delete its directory."""
         process, self._process = self._process, None
         if process is not None and process.poll() is None:
             try:
+                os.killpg(process.pid, signal.SIGCONT)  # in case it was paused
                 os.killpg(process.pid, signal.SIGTERM)
                 process.wait(timeout=15)
             except subprocess.TimeoutExpired:

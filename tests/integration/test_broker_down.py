@@ -46,7 +46,8 @@ async def svc(node: RabbitMQNode) -> AsyncIterator[Service]:
     runtime = h.settings(
         # Reconnect quickly, so recovery is visible within the test.
         node.url + "?reconnect_interval=0.5",
-        publish_timeout=1.5,
+        # The default publish timeout: the fast 503 must not come from a short one.
+        publish_timeout=5.0,
         connect_timeout=2.0,
     ).model_copy(
         update={
@@ -116,6 +117,7 @@ async def test_broker_down_answers_503_fast_and_recovers(
         started = time.monotonic()
         status, _ = await h.post_signed(http, h.inbound_url(svc), during, timeout=3)
         elapsed = time.monotonic() - started
+        print(f"webhook answered {status} {elapsed * 1000:.0f} ms after the broker stopped")
         assert status == 503, "a provider must never get 2xx for an unconfirmed event"
         assert elapsed < 2.5, f"webhook took {elapsed:.1f}s to fail"  # a bound, not a benchmark
         ready_status, body = await _ready(http, svc)
@@ -149,3 +151,37 @@ async def test_service_stops_promptly_while_the_broker_is_down(node: RabbitMQNod
             await service.stop()
     finally:
         await asyncio.to_thread(node.start_app)
+
+
+async def test_hung_broker_answers_503_within_the_publish_timeout(
+    node: RabbitMQNode, http: aiohttp.ClientSession
+) -> None:
+    runtime = h.settings(node.url + "?reconnect_interval=0.5", publish_timeout=1.0).model_copy(
+        update={
+            "subscriptions": [
+                SubscriptionSettings(queue=SUBSCRIPTION, bindings=["message.received.#"])
+            ]
+        }
+    )
+    service = h.service(runtime)
+    await service.start()
+    form = h.inbound_form()
+    try:
+        await _drain_subscription(node)
+        node.pause()
+        try:
+            # The connection looks fine but no confirm comes: the publish timeout
+            # bounds the wait (the client gives up after 3 s, failing the test).
+            status, _ = await h.post_signed(http, h.inbound_url(service), form, timeout=3)
+            assert status == 503
+        finally:
+            node.resume()
+        assert (await h.post_signed(http, h.inbound_url(service), form, timeout=5))[0] == 200
+    finally:
+        async with asyncio.timeout(15):
+            await service.stop()
+    # The frozen broker may still have routed the first copy once it woke up:
+    # at least once, and every copy carries the same provider message.
+    sids = await _drain_subscription(node)
+    assert sids
+    assert set(sids) == {form["MessageSid"]}
