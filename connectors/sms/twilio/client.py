@@ -29,7 +29,12 @@ class TwilioClient:
         """POST a message; returns Twilio's message resource (``sid``, ``status`` ...)."""
         try:
             response = await request(
-                self._session, "POST", self._url, provider="twilio", data=form, headers=self._headers
+                self._session,
+                "POST",
+                self._url,
+                provider="twilio",
+                data=form,
+                headers=self._headers,
             )
         except ProviderRejectedError as exc:
             # Twilio's error body: {"code": 21211, "message": "...", "status": 400}
