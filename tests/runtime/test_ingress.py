@@ -7,6 +7,7 @@ from collections.abc import AsyncIterator
 import aiohttp
 import pytest
 
+from connectors.sms.twilio.webhooks import SIGNATURE_HEADER, compute_signature
 from gateway.runtime.codec import decode_event
 from gateway.runtime.idempotency import RedisIdempotencyStore
 from gateway.runtime.memory_bus import InMemoryBus
@@ -151,5 +152,37 @@ async def test_dedup_store_down_is_503_and_not_ready(http: aiohttp.ClientSession
         async with http.get(base(service) + "/readyz") as resp:
             assert resp.status == 503
             assert (await resp.json())["checks"] == {"broker": True, "dedup_store": False}
+    finally:
+        await service.stop()
+
+
+async def test_signature_is_checked_against_the_public_url(http: aiohttp.ClientSession) -> None:
+    """Behind a reverse proxy the provider signed the public URL, not the local one."""
+    bus = InMemoryBus()
+    runtime = h.settings()
+    runtime = runtime.model_copy(
+        update={
+            "http": runtime.http.model_copy(
+                update={"public_base_url": "https://hooks.example.com/gw/"}
+            )
+        }
+    )
+    service = h.service(runtime, bus=bus)
+    await service.start()
+    queue = await bus.declare_temporary_queue(EVENTS_EXCHANGE, ["message.received.#"])
+    try:
+        local = h.inbound_url(service)
+        path = local.split(f":{service.port}", 1)[1]
+        public = "https://hooks.example.com/gw" + path
+        form = h.inbound_form()
+        signature = compute_signature(h.TOKEN, public, {k: [v] for k, v in form.items()})
+        async with http.post(local, data=form, headers={SIGNATURE_HEADER: signature}) as resp:
+            assert resp.status == 200
+        assert bus.queue_depth(queue) == 1
+        # Signed for the local URL: not what the provider would have signed.
+        assert (await h.post_signed(http, local, h.inbound_form()))[0] == 401
+        assert service.hosted[0].context.webhook_url("status", account="main") == (
+            "https://hooks.example.com/gw/webhooks/sms/twilio/main/status"
+        )
     finally:
         await service.stop()
