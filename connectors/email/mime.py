@@ -45,9 +45,14 @@ class MimeLimitError(ValueError):
     """A message breaks a :class:`MimeLimits` cap (or defeats the parser)."""
 
     def __init__(self, reason: str, detail: str) -> None:
-        super().__init__(f"{reason}: {detail}")
+        # Both in args: the error crosses the process pool by pickling.
+        super().__init__(reason, detail)
         #: Short machine-readable cap name, e.g. ``too_many_parts``.
         self.reason = reason
+        self.detail = detail
+
+    def __str__(self) -> str:
+        return f"{self.reason}: {self.detail}"
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -499,6 +504,12 @@ class MimeParser:
                 max_workers=self._workers, mp_context=get_context("spawn")
             )
         return self._executor
+
+    async def warm(self) -> None:
+        """Start the workers now (a spawned worker imports for a while), so the
+        first mail does not wait for them."""
+        loop = asyncio.get_running_loop()
+        await loop.run_in_executor(self._pool(), parse, b"Subject: warm-up\r\n\r\n", self.limits)
 
     async def parse(self, raw: bytes) -> ParsedMail:
         """Parse ``raw`` in the pool; raises :class:`MimeLimitError` on a cap."""
