@@ -51,8 +51,8 @@ from gateway.ledger.models import (
 from gateway.ledger.store import Ledger
 from gateway.runtime.bus import Bus, PublishError
 from gateway.runtime.codec import encode_command
-from gateway.runtime.telemetry import get_logger, tracer
-from gateway.runtime.topology import COMMANDS_EXCHANGE
+from gateway.runtime.telemetry import extract_trace_context, get_logger, tracer
+from gateway.runtime.topology import COMMANDS_EXCHANGE, command_routing_key
 from gateway.server.connectors import ConnectorDirectory
 from gateway.server.content import Violation, adapt
 from gateway.server.convert import outbound_message
@@ -159,8 +159,11 @@ class GatewayServicer(gateway_service_pb2_grpc.GatewayServiceServicer):
         return await _answer(context, "SendMessage", self._send(request, context))
 
     async def _send(self, request: SendMessageRequest, context: Context) -> SendMessageResponse:
+        # A caller that traces sends its W3C context as gRPC metadata: join its trace.
+        metadata = {item[0]: item[1] for item in context.invocation_metadata() or ()}
         with tracer().start_as_current_span(
             f"{SERVICE_NAME}/SendMessage",
+            context=extract_trace_context(metadata),
             kind=SpanKind.SERVER,
             attributes={
                 "rpc.system": "grpc",
@@ -221,7 +224,7 @@ class GatewayServicer(gateway_service_pb2_grpc.GatewayServiceServicer):
     ) -> None:
         """Publish the command with confirms, then note it in the ledger."""
         timeout = _budget(context, self._publish_timeout)
-        routing_key = f"send.{command.channel}.{command.provider}"
+        routing_key = command_routing_key(command.channel, command.provider)
         with tracer().start_as_current_span(
             f"publish {COMMANDS_EXCHANGE}",
             kind=SpanKind.PRODUCER,

@@ -545,3 +545,12 @@ async def test_slow_ledger_reads_end_at_the_deadline(
         await gateway.stub.GetMessage(GetMessageRequest(message_id="m"), timeout=0.5)
     assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
     await asyncio.wait_for(abandoned.wait(), 2)
+
+
+async def test_send_joins_the_callers_trace(gateway: Gateway) -> None:
+    trace_id = "4bf92f3577b34da6a3ce929d0e0e4736"
+    metadata = (("traceparent", f"00-{trace_id}-00f067aa0ba902b7-01"),)
+    reply = await gateway.stub.SendMessage(text_request(), timeout=5, metadata=metadata)
+    assert reply.trace_id == trace_id
+    traceparent = str(commands(gateway.bus)[0][1].headers["traceparent"])
+    assert traceparent.split("-")[1] == trace_id

@@ -394,7 +394,9 @@ class SendMessageResponse(_message.Message):
     """The channel and connector the first send goes to."""
     provider: _builtins.str
     trace_id: _builtins.str
-    """Trace id (32 hex digits) of the send's trace."""
+    """Trace id (32 hex digits) of the send's trace: the caller's own when it
+    sent a W3C "traceparent" as gRPC metadata, else a new one.
+    """
     def __init__(
         self,
         *,
