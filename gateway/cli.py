@@ -2,7 +2,7 @@
 
 channel-gateway run sms            host every enabled SMS connector
 channel-gateway run sms --workers 2   the same in 2 processes sharing the port
-channel-gateway up                 host every enabled connector in one process
+channel-gateway up                 the gateway and every enabled connector in one process
 channel-gateway demo               real traffic end to end (see gateway/demo.py)
 channel-gateway tail 'message.#'   print events live
 channel-gateway connectors         list installed connectors and their manifests
@@ -274,7 +274,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="service processes sharing http.port with SO_REUSEPORT (default 1; more than "
         "one needs a fixed port, and a shared dedup store (redis://) to dedupe across them)",
     )
-    up = sub.add_parser("up", help="host every enabled connector in one process (development)")
+    up = sub.add_parser(
+        "up", help="host the gateway and every enabled connector in one process (development)"
+    )
     up.set_defaults(workers=1)
     demo = sub.add_parser(
         "demo", help="run real traffic end to end and print the normalized events"
