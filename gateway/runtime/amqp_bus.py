@@ -31,7 +31,7 @@ from aiormq.abc import ChannelFrame
 from pamqp.common import FieldTable
 from pamqp.header import ContentHeader
 
-from gateway.contract.errors import BadRequestError, PermanentError
+from gateway.contract.errors import BadRequestError, ConfigError, PermanentError
 from gateway.runtime.bus import (
     BrokerUnavailableError,
     Delivery,
@@ -307,17 +307,26 @@ class AmqpBus:
         if self._pub_conn is None:
             raise BrokerUnavailableError("not connected")
         # A separate channel: a failed declaration closes its channel.
-        async with self._pub_conn.channel() as channel:
-            for exchange in topology.exchanges:
-                await channel.declare_exchange(
-                    exchange.name, aio_pika.ExchangeType(exchange.type), durable=True
-                )
-            for queue in topology.queues:
-                declared = await channel.declare_queue(
-                    queue.name, durable=True, arguments=queue.arguments()
-                )
-                for binding in queue.bindings:
-                    await declared.bind(binding.exchange, routing_key=binding.routing_key)
+        try:
+            async with self._pub_conn.channel() as channel:
+                for exchange in topology.exchanges:
+                    await channel.declare_exchange(
+                        exchange.name, aio_pika.ExchangeType(exchange.type), durable=True
+                    )
+                for queue in topology.queues:
+                    declared = await channel.declare_queue(
+                        queue.name, durable=True, arguments=queue.arguments()
+                    )
+                    for binding in queue.bindings:
+                        await declared.bind(binding.exchange, routing_key=binding.routing_key)
+        except aiormq.exceptions.ChannelPreconditionFailed as exc:
+            # E.g. broker.delivery_limit changed after the queue was created: the
+            # broker keeps the old arguments and refuses the new declaration.
+            raise ConfigError(
+                f"RabbitMQ refused the topology: {exc.args[0] if exc.args else exc}. An existing "
+                "exchange or queue has other settings; delete it (or migrate it with a policy) "
+                "or keep the configuration it was created with"
+            ) from exc
 
     async def publish(
         self, exchange: str, routing_key: str, message: OutgoingMessage, *, timeout: float

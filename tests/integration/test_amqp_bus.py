@@ -9,7 +9,7 @@ import aio_pika
 import aiormq
 import pytest
 
-from gateway.contract.errors import BadRequestError, PermanentError
+from gateway.contract.errors import BadRequestError, ConfigError, PermanentError
 from gateway.runtime.amqp_bus import AmqpBus
 from gateway.runtime.bus import (
     BrokerUnavailableError,
@@ -232,3 +232,15 @@ async def test_nacked_publish_is_an_error(
     assert not isinstance(info.value, UnroutableError)
     assert "nacked" in str(info.value)
     assert bus.is_ready()
+
+
+async def test_conflicting_existing_queue_is_a_clear_config_error(bus: AmqpBus) -> None:
+    """Changing broker.delivery_limit after a queue exists: RabbitMQ refuses the
+    declaration; start-up must say which queue and why, not crash obscurely."""
+    await bus.declare(_topology(limit=5))
+    with pytest.raises(ConfigError) as info:
+        await bus.declare(_topology(limit=7))
+    message = str(info.value)
+    assert QUEUE in message
+    assert "x-delivery-limit" in message
+    assert bus.is_ready()  # the publish channel is untouched
