@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
+from urllib.parse import urlsplit, urlunsplit
 
 import aio_pika
 import aiormq
@@ -244,3 +245,16 @@ async def test_conflicting_existing_queue_is_a_clear_config_error(bus: AmqpBus) 
     assert QUEUE in message
     assert "x-delivery-limit" in message
     assert bus.is_ready()  # the publish channel is untouched
+
+
+async def test_wrong_credentials_fail_fast_and_say_so(rabbitmq_url: str) -> None:
+    parts = urlsplit(rabbitmq_url)
+    wrong = urlunsplit(
+        parts._replace(netloc=f"guest:not-the-password@{parts.hostname}:{parts.port}")
+    )
+    bus = AmqpBus(wrong, connect_timeout=3)
+    async with asyncio.timeout(8):
+        with pytest.raises(BrokerUnavailableError) as info:
+            await bus.connect()
+    assert "ACCESS_REFUSED" in str(info.value) or "authentication" in str(info.value).lower()
+    assert not bus.is_ready()
