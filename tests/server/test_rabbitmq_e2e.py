@@ -15,8 +15,11 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 
 from gateway.api.v1.delivery_pb2 import DeliveryState
 from gateway.api.v1.gateway_service_pb2 import (
+    ChannelIdentities,
+    ChannelIdentity,
     ConnectorHealth,
     ListConnectorsRequest,
+    Recipient,
     StreamEventsRequest,
     TimelineEntryKind,
 )
@@ -25,6 +28,7 @@ from gateway.runtime.config import RuntimeSettings
 from gateway.runtime.service import Service
 from gateway.server.app import GatewayServer
 from gateway.testing.fake_twilio import FakeTwilio
+from gateway.testing.fake_vonage import FakeVonage
 from tests.server.conftest import ACCOUNT_SID
 from tests.server.test_send import text_request, wait_for_state
 
@@ -137,3 +141,79 @@ async def test_send_to_delivered_over_rabbitmq(tmp_path: Path, vhost_url: str) -
         "publish channels.commands",
         "send sms.twilio",
     } <= names
+
+
+async def test_rejected_send_falls_back_to_the_next_provider(
+    tmp_path: Path, vhost_url: str
+) -> None:
+    """Twilio rejects the number; the gateway switches to Vonage, which delivers."""
+    env = {
+        "E2E_TWILIO_TOKEN": secrets.token_hex(16),
+        "E2E_VONAGE_SECRET": secrets.token_hex(16),
+        "E2E_VONAGE_SIGNATURE": secrets.token_hex(24),
+    }
+    twilio = FakeTwilio(auth_token=env["E2E_TWILIO_TOKEN"], callback_delay=0.05)
+    vonage = FakeVonage(
+        api_key="abcd1234",
+        api_secret=env["E2E_VONAGE_SECRET"],
+        signature_secret=env["E2E_VONAGE_SIGNATURE"],
+        callback_delay=0.05,
+    )
+    async with twilio, vonage:
+        twilio.reject_next(21610, "Attempt to send to unsubscribed recipient")
+        raw = _settings(tmp_path, vhost_url, twilio.url).model_dump()
+        raw["connectors"]["sms.vonage"] = {
+            "api_base_url": vonage.url,
+            "accounts": {
+                "main": {
+                    "api_key": "abcd1234",
+                    "api_secret": {"env": "E2E_VONAGE_SECRET"},
+                    "signature_secret": {"env": "E2E_VONAGE_SIGNATURE"},
+                    "numbers": ["+14155550100"],
+                }
+            },
+        }
+        config = RuntimeSettings.model_validate(raw)
+        service = Service(config, ["sms.twilio", "sms.vonage"], environ=env)
+        gateway = GatewayServer(config)
+        await service.start()
+        try:
+            await gateway.start()
+            async with aio.insecure_channel(gateway.address) as channel:
+                stub = GatewayServiceStub(channel)
+                request = text_request("fallback-1")
+                request.recipient.CopyFrom(
+                    Recipient(
+                        identities=ChannelIdentities(
+                            identities=[
+                                ChannelIdentity(
+                                    channel="sms", provider="twilio", address="+447700900123"
+                                ),
+                                ChannelIdentity(
+                                    channel="sms", provider="vonage", address="+447700900123"
+                                ),
+                            ]
+                        )
+                    )
+                )
+                reply = await stub.SendMessage(request, timeout=10)
+                got = await wait_for_state(
+                    stub, reply.message_id, S.DELIVERY_STATE_DELIVERED, timeout=8
+                )
+        finally:
+            await gateway.stop()
+            await service.stop()
+        assert len(twilio.calls) == 1
+        assert len(vonage.calls) == 1
+    assert (got.provider, got.attempt) == ("vonage", 2)
+    transitions = [
+        (e.state, e.provider)
+        for e in got.timeline
+        if e.kind == TimelineEntryKind.TIMELINE_ENTRY_KIND_TRANSITION
+    ]
+    assert transitions[0] == (S.DELIVERY_STATE_ACCEPTED, "twilio")
+    assert (S.DELIVERY_STATE_SWITCHING_CHANNEL, "twilio") in transitions
+    assert transitions[-1] == (S.DELIVERY_STATE_DELIVERED, "vonage")
+    rejected = [e for e in got.timeline if e.state == S.DELIVERY_STATE_FAILED]
+    assert rejected[0].reason_code == "21610"
+    assert [a.provider for a in got.attempts] == ["twilio", "vonage"]
