@@ -356,3 +356,34 @@ async def test_poison_command_is_dead_lettered_by_the_delivery_limit(
     assert dead.message_id == f"{command.message_id}:1"
     assert dead.headers["x-first-death-reason"] == "delivery_limit"
     assert dead.headers["x-first-death-queue"] == "connector.sms.twilio.send"
+
+
+async def test_graceful_stop_finishes_the_send_in_flight_and_requeues_the_rest(
+    vhost: Vhost, vhost_connection: aio_pika.abc.AbstractConnection
+) -> None:
+    async with FakeTwilio(auth_token=h.TOKEN, callback_statuses=()) as fake:
+        runtime = h.settings(vhost.url, api_base_url=fake.url)
+        runtime = runtime.model_copy(
+            update={"broker": runtime.broker.model_copy(update={"prefetch": 1})}
+        )
+        svc = h.service(runtime)
+        await svc.start()
+        statuses = await _bind(vhost_connection, "message.status.#")
+        fake.hang_next(1.0)  # the first send takes a while (within the provider timeout)
+        commands = [_command() for _ in range(3)]
+        for command in commands:
+            await _publish_command(svc, command)
+        for _ in range(100):
+            if fake.calls:
+                break
+            await asyncio.sleep(0.05)
+        assert len(fake.calls) == 1
+        async with asyncio.timeout(15):
+            await svc.stop()  # SIGTERM: the send in flight completes, nothing else starts
+        assert len(fake.calls) == 1
+    (event,) = await _events(statuses)
+    assert event.status.message_id == commands[0].message_id
+    assert event.status.state == DeliveryState.DELIVERY_STATE_QUEUED
+    channel = await vhost_connection.channel()
+    queue = await channel.declare_queue("connector.sms.twilio.send", passive=True)
+    assert queue.declaration_result.message_count == 2  # requeued, not lost
