@@ -30,6 +30,7 @@ from typing import Self
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from connectors.social.media import FetchedMedia, SafeFetcher
 from connectors.social.meta import signature
 from connectors.social.meta.envelope import envelope
 from connectors.social.meta.graph import GraphClient
@@ -70,10 +71,24 @@ class WhatsAppAccount(BaseModel):
     waba_id: str | None = None
 
 
+class MediaFetchSettings(BaseModel):
+    """Caps and exemptions of inbound media downloads (see ``connectors.social.media``)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    max_bytes: int = Field(default=100 * 1024 * 1024, gt=0)
+    timeout: float = Field(default=30.0, gt=0)
+    #: Allow plain-http media URLs (Meta serves https; tests and proxies may not).
+    allow_http: bool = False
+    #: Networks exempted from the SSRF checks (an internal media proxy). Use knowingly.
+    allowed_networks: list[str] = []
+
+
 class WhatsAppSettings(MetaAppSettings):
     """``connectors.whatsapp.meta`` config section."""
 
     accounts: dict[str, WhatsAppAccount] = Field(min_length=1)
+    media: MediaFetchSettings = MediaFetchSettings()
     #: Refuse non-template sends outside the 24-hour customer-service window.
     enforce_service_window: bool = True
 
@@ -140,6 +155,34 @@ class WhatsAppConnector:
 
     async def stop(self) -> None:
         self._graph = None
+
+    async def fetch_media(self, account: str, media_id: str) -> FetchedMedia:
+        """Download an inbound media item by its Meta media id.
+
+        Resolves the id through the Graph media endpoint (a short-lived URL
+        that needs the access token), then fetches that URL SSRF-safely with
+        the configured size and time caps. Events carry the media id only:
+        the URL expires within minutes and is useless without our token.
+        """
+        settings = self._settings.accounts.get(account)
+        if settings is None:
+            raise PermanentError(f"unknown whatsapp account {account!r}", code="unknown_account")
+        if not media_id.isdigit():
+            raise PermanentError(f"not a Meta media id: {media_id!r}", code="invalid_media_id")
+        assert self._graph is not None, "start() the connector first"
+        token = settings.access_token.get_secret_value()
+        info = await self._graph.call("GET", f"/{media_id}", token=token)
+        url = info.get("url")
+        if not isinstance(url, str) or not url:
+            raise PermanentError("the media endpoint answered without a url", code="no_media_url")
+        media = self._settings.media
+        fetcher = SafeFetcher(
+            max_bytes=media.max_bytes,
+            timeout=media.timeout,
+            allow_http=media.allow_http,
+            allowed_networks=media.allowed_networks,
+        )
+        return await fetcher.fetch(url, headers={"Authorization": f"Bearer {token}"})
 
     # -- inbound ---------------------------------------------------------------
 
