@@ -11,11 +11,12 @@ from __future__ import annotations
 import logging
 import re
 import sys
-from collections.abc import Iterator, MutableMapping, Sequence
+from collections.abc import MutableMapping, Sequence
 from typing import Any
 
 import structlog
 from multidict import CIMultiDict, CIMultiDictProxy
+from opentelemetry import context as otel_context
 from opentelemetry import propagate, trace
 from opentelemetry.context import Context
 from opentelemetry.sdk.resources import Resource
@@ -27,7 +28,6 @@ from opentelemetry.sdk.trace.export import (
     SpanExporter,
 )
 from opentelemetry.sdk.trace.sampling import Decision
-from opentelemetry.util._decorator import _agnosticcontextmanager
 from opentelemetry.util.types import Attributes
 from prometheus_client import Counter, Histogram
 
@@ -191,8 +191,7 @@ class _UnexportedTracer(trace.Tracer):
             )
         )
 
-    @_agnosticcontextmanager
-    def start_as_current_span(
+    def start_as_current_span(  # type: ignore[override]
         self,
         name: str,
         context: Context | None = None,
@@ -203,10 +202,32 @@ class _UnexportedTracer(trace.Tracer):
         record_exception: bool = True,
         set_status_on_exception: bool = True,
         end_on_exit: bool = True,
-    ) -> Iterator[trace.Span]:
-        span = self.start_span(name, context, kind, attributes, links)
-        with trace.use_span(span, end_on_exit=end_on_exit) as current:
-            yield current
+    ) -> _CurrentSpan:
+        """The span, made current for the ``with`` block (a context manager only)."""
+        return _CurrentSpan(self.start_span(name, context, kind, attributes, links), end_on_exit)
+
+
+class _CurrentSpan:
+    """``trace.use_span`` for a non-recording span, without two generator frames.
+
+    A non-recording span records no exception and no status, so entering is
+    attaching its context and leaving is detaching it.
+    """
+
+    __slots__ = ("_end", "_span", "_token")
+
+    def __init__(self, span: trace.Span, end_on_exit: bool) -> None:
+        self._span, self._end = span, end_on_exit
+        self._token: object = None
+
+    def __enter__(self) -> trace.Span:
+        self._token = otel_context.attach(trace.set_span_in_context(self._span))
+        return self._span
+
+    def __exit__(self, *_: object) -> None:
+        otel_context.detach(self._token)  # type: ignore[arg-type]
+        if self._end:
+            self._span.end()
 
 
 _tracer_cache: tuple[trace.TracerProvider, trace.Tracer, trace.Tracer | None] | None = None
