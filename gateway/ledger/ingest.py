@@ -22,8 +22,8 @@ from gateway.ledger.fallback import (
     FallbackEngine,
     emit_notices,
 )
-from gateway.ledger.models import StatusUpdate
-from gateway.ledger.store import Applied, Ledger
+from gateway.ledger.models import Applied, StatusUpdate
+from gateway.ledger.store import Ledger
 from gateway.runtime.bus import Bus, Delivery, Subscription
 from gateway.runtime.codec import decode_event
 from gateway.runtime.telemetry import get_logger

@@ -368,6 +368,26 @@ class Timer:
     attempt: int
 
 
+@dataclass(frozen=True, kw_only=True)
+class Applied:
+    """What :meth:`gateway.ledger.Ledger.record_status` did with one status.
+
+    ``entries`` are the timeline entries it appended (empty for a duplicate,
+    a stale status or a pending one); ``record`` is None while the message is
+    unknown (the status is kept as pending).
+    """
+
+    record: MessageRecord | None
+    entries: tuple[StatusEntry, ...] = ()
+    duplicate: bool = False
+    pending: bool = False
+    #: True when the status made a fallback timer due now (wake the engine).
+    fallback_due: bool = False
+    #: Pending statuses this one (or its batch) let through: they were applied
+    #: now, and their entries are news too (e.g. a late delivery).
+    released: tuple[Applied, ...] = ()
+
+
 class LedgerError(Exception):
     """Base of the ledger's errors."""
 

@@ -19,47 +19,38 @@ Concurrency model:
 from __future__ import annotations
 
 import asyncio
-import base64
-import binascii
 import contextlib
-import hashlib
 import json
-import uuid
-from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
-from dataclasses import asdict, dataclass, field, replace
-from datetime import UTC, datetime, timedelta
+from collections.abc import AsyncIterator, Callable, Iterable, Sequence
+from dataclasses import dataclass, replace
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 from alembic import command as alembic_command
 from alembic.config import Config as AlembicConfig
 from sqlalchemy import Connection as SyncConnection
-from sqlalchemy import and_, bindparam, delete, event, false, func, or_, select, update
-from sqlalchemy.dialects import postgresql as pg_dialect
-from sqlalchemy.dialects import sqlite as sqlite_dialect
-from sqlalchemy.engine import Row
+from sqlalchemy import and_, delete, event, false, func, or_, select, update
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 
 from gateway.api.v1.command_pb2 import SendMessageCommand
 from gateway.api.v1.delivery_pb2 import DeliveryState
-from gateway.api.v1.participant_pb2 import Participant, ParticipantRole
-from gateway.contract.ids import NAMESPACE
-from gateway.contract.status import FINAL_STATES, advance
+from gateway.contract.status import FINAL_STATES
 from gateway.ledger import schema
+from gateway.ledger.apply import StatusItem, apply_batch
 from gateway.ledger.models import (
     REASON_FALLBACK_EXHAUSTED,
     REASON_FALLBACK_TTL,
-    REASON_LATE_DELIVERY,
     REASON_REJECTED,
     REASON_RETRY,
     REASON_TIMEOUT,
     REJECTED_STATES,
+    Applied,
     Attempt,
     EntryKind,
     FallbackPolicy,
     IdempotencyConflictError,
-    InvalidPageTokenError,
     ListFilter,
     MessageNotFoundError,
     MessageRecord,
@@ -72,6 +63,25 @@ from gateway.ledger.models import (
     as_utc,
     success_reached,
     utcnow,
+)
+from gateway.ledger.paging import decode_token, encode_token, filter_digest
+from gateway.ledger.rows import (
+    append_entry,
+    build_record,
+    db_time,
+    gateway_event_id,
+    gateway_transition,
+    insert_ignore,
+    load_attempts,
+    load_record,
+    load_records,
+    lock_message,
+    message_id_for_provider_id,
+    next_command,
+    out_time,
+    status_event_id,
+    step_due,
+    update_from_json,
 )
 
 S = DeliveryState
@@ -87,78 +97,6 @@ _CONFLICT_RETRIES = 3
 _CONFLICT_STATES = frozenset({"40P01", "40001"})
 
 Clock = Callable[[], datetime]
-
-
-def _db_time(value: datetime) -> datetime:
-    """Naive UTC, as stored."""
-    return as_utc(value).replace(tzinfo=None)
-
-
-def _out_time(value: datetime) -> datetime:
-    return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
-
-
-def _opt_out_time(value: datetime | None) -> datetime | None:
-    return None if value is None else _out_time(value)
-
-
-def status_event_id(update: StatusUpdate) -> str:
-    """The update's event id, or a deterministic one derived from its content."""
-    if update.event_id:
-        return update.event_id
-    occurred = as_utc(update.occurred_at).isoformat() if update.occurred_at else ""
-    name = "\x1f".join(
-        (
-            "ledger-status",
-            update.message_id,
-            update.provider_message_id,
-            str(update.state),
-            update.provider_status,
-            update.reason_code,
-            str(update.attempt),
-            update.channel,
-            update.provider,
-            occurred,
-        )
-    )
-    return str(uuid.uuid5(NAMESPACE, name))
-
-
-def _gateway_event_id(message_id: str, kind: str, attempt: int, state: int) -> str:
-    """Deterministic id of a status the gateway itself records (switch, exhaustion ...)."""
-    return str(uuid.uuid5(NAMESPACE, f"ledger\x1f{kind}\x1f{message_id}\x1f{attempt}\x1f{state}"))
-
-
-def _update_to_json(update: StatusUpdate) -> str:
-    data = asdict(update)
-    data["occurred_at"] = as_utc(update.occurred_at).isoformat() if update.occurred_at else None
-    return json.dumps(data)
-
-
-def _update_from_json(text: str) -> StatusUpdate:
-    data: dict[str, Any] = json.loads(text)
-    occurred = data.pop("occurred_at", None)
-    return StatusUpdate(**data, occurred_at=datetime.fromisoformat(occurred) if occurred else None)
-
-
-@dataclass(frozen=True, kw_only=True)
-class Applied:
-    """What :meth:`Ledger.record_status` did with one status.
-
-    ``entries`` are the timeline entries it appended (empty for a duplicate,
-    a stale status or a pending one); ``record`` is None while the message is
-    unknown (the status is kept as pending).
-    """
-
-    record: MessageRecord | None
-    entries: tuple[StatusEntry, ...] = ()
-    duplicate: bool = False
-    pending: bool = False
-    #: True when the status made a fallback timer due now (wake the engine).
-    fallback_due: bool = False
-    #: Pending statuses this one (or its batch) let through: they were applied
-    #: now, and their entries are news too (e.g. a late delivery).
-    released: tuple[Applied, ...] = ()
 
 
 class TimerAction:
@@ -270,7 +208,7 @@ class Ledger:
         ``fingerprint``, or ``new.message_id`` belongs to another key.
         Pending statuses of ``new.message_id`` are applied before returning.
         """
-        now = _db_time(new.created_at or self.now())
+        now = db_time(new.created_at or self.now())
         values: dict[str, Any] = {
             "message_id": new.message_id,
             "idempotency_key": new.idempotency_key,
@@ -282,7 +220,7 @@ class Ledger:
             "metadata_json": json.dumps(dict(new.metadata), sort_keys=True),
             "command": new.command,
             "fallback_json": json.dumps(new.fallback.to_json()) if new.fallback else None,
-            "expires_at": _db_time(new.expires_at) if new.expires_at else None,
+            "expires_at": db_time(new.expires_at) if new.expires_at else None,
             "trace_id": new.trace_id,
             "reason_code": "",
             "reason": "",
@@ -292,7 +230,7 @@ class Ledger:
         }
         has_pending = False
         async with self._write() as conn:
-            created = await _insert_ignore(conn, schema.messages, values)
+            created = await insert_ignore(conn, schema.messages, values)
             if created:
                 await conn.execute(
                     schema.attempts.insert(),
@@ -308,7 +246,7 @@ class Ledger:
                         "created_at": now,
                     },
                 )
-                entry = await _append(
+                entry = await append_entry(
                     conn,
                     new.message_id,
                     kind=EntryKind.TRANSITION,
@@ -317,7 +255,7 @@ class Ledger:
                     channel=new.channel,
                     provider=new.provider,
                     trace_id=new.trace_id,
-                    event_id=_gateway_event_id(new.message_id, "accept", 1, 1),
+                    event_id=gateway_event_id(new.message_id, "accept", 1, 1),
                     occurred_at=now,
                     recorded_at=now,
                 )
@@ -327,7 +265,7 @@ class Ledger:
                         schema.timers.insert(),
                         {
                             "message_id": new.message_id,
-                            "due_at": _step_due(now, step.wait, now, new.fallback),
+                            "due_at": step_due(now, step.wait, now, new.fallback),
                             "attempt": 1,
                         },
                     )
@@ -340,9 +278,9 @@ class Ledger:
                     state=S.DELIVERY_STATE_ACCEPTED,
                     provider_message_id="",
                     dispatched=False,
-                    created_at=_out_time(now),
+                    created_at=out_time(now),
                 )
-                record = _build_record(
+                record = build_record(
                     values, [attempt], active=new.fallback is not None, timeline=[entry]
                 )
                 if self._serial_writes:
@@ -434,10 +372,10 @@ class Ledger:
         """
         if not updates:
             return []
-        items = [_Item(u, status_event_id(u), from_pending=False) for u in updates]
+        items = [StatusItem(u, status_event_id(u), from_pending=False) for u in updates]
         return await self._apply_and_drain(items)
 
-    async def _apply_and_drain(self, items: list[_Item]) -> list[Applied]:
+    async def _apply_and_drain(self, items: list[StatusItem]) -> list[Applied]:
         drained = await self._apply_batch_and_drain(items)
         if drained.released and drained.results:
             # Reported once, with the first status of the batch.
@@ -445,13 +383,13 @@ class Ledger:
             drained.results[0] = replace(first, released=tuple(drained.released))
         return drained.results
 
-    async def _apply_batch_and_drain(self, items: list[_Item]) -> _Drained:
+    async def _apply_batch_and_drain(self, items: list[StatusItem]) -> _Drained:
         """Apply a batch, then drain the pending statuses it released."""
         for attempt in range(1, _CONFLICT_RETRIES + 1):
             try:
                 async with self._write() as conn:
-                    outcome = await _apply_batch(
-                        conn, items, _db_time(self.now()), final_view=self._serial_writes
+                    outcome = await apply_batch(
+                        conn, items, db_time(self.now()), final_view=self._serial_writes
                     )
                 break
             except DBAPIError as exc:
@@ -545,7 +483,8 @@ class Ledger:
         if not rows:
             return _Drained([], {}, set(), [])
         items = [
-            _Item(_update_from_json(r.payload), str(r.event_id), from_pending=True) for r in rows
+            StatusItem(update_from_json(r.payload), str(r.event_id), from_pending=True)
+            for r in rows
         ]
         drained = await self._apply_batch_and_drain(items)
         # Flatten: what these statuses released in turn is released too.
@@ -568,7 +507,7 @@ class Ledger:
                 for r in await conn.execute(
                     select(m.message_id)
                     .where(
-                        m.updated_at < _db_time(before),
+                        m.updated_at < db_time(before),
                         m.state.in_(settled),
                         ~select(schema.timers.c.message_id)
                         .where(schema.timers.c.message_id == m.message_id)
@@ -592,7 +531,7 @@ class Ledger:
         async with self._write() as conn:
             result = await conn.execute(
                 delete(schema.pending)
-                .where(schema.pending.c.received_at < _db_time(older_than))
+                .where(schema.pending.c.received_at < db_time(older_than))
                 .returning(schema.pending.c.event_id)
             )
             return len(result.all())
@@ -607,7 +546,7 @@ class Ledger:
     async def find(self, message_id: str) -> MessageRecord | None:
         """The message with its attempts and timeline, or None."""
         async with self._read() as conn:
-            return await _load(conn, message_id, timeline=True)
+            return await load_record(conn, message_id, timeline=True)
 
     async def get(self, message_id: str) -> MessageRecord:
         """The message with its attempts and ordered timeline.
@@ -625,13 +564,13 @@ class Ledger:
             mid = await conn.scalar(
                 select(schema.messages.c.message_id).where(schema.messages.c.idempotency_key == key)
             )
-            return await _load(conn, str(mid), timeline=True) if mid else None
+            return await load_record(conn, str(mid), timeline=True) if mid else None
 
     async def find_by_provider_message_id(self, provider_message_id: str) -> MessageRecord | None:
         """The message one of whose attempts has this provider id, or None."""
         async with self._read() as conn:
-            mid = await _message_id_for_provider_id(conn, provider_message_id)
-            return await _load(conn, mid, timeline=True) if mid else None
+            mid = await message_id_for_provider_id(conn, provider_message_id)
+            return await load_record(conn, mid, timeline=True) if mid else None
 
     async def list(
         self, filter: ListFilter | None = None, page_size: int = 0, page_token: str = ""
@@ -647,7 +586,7 @@ class Ledger:
         if page_size < 0:
             raise ValueError("page_size must not be negative")
         size = min(page_size or DEFAULT_PAGE_SIZE, self._max_page_size)
-        digest = _filter_digest(flt)
+        digest = filter_digest(flt)
         query = select(schema.messages)
         m = schema.messages.c
         if flt.conversation_id:
@@ -655,11 +594,11 @@ class Ledger:
         if flt.correlation_id:
             query = query.where(m.correlation_id == flt.correlation_id)
         if flt.since is not None:
-            query = query.where(m.created_at >= _db_time(flt.since))
+            query = query.where(m.created_at >= db_time(flt.since))
         if flt.until is not None:
-            query = query.where(m.created_at < _db_time(flt.until))
+            query = query.where(m.created_at < db_time(flt.until))
         if page_token:
-            created, last_id = _decode_token(page_token, digest)
+            created, last_id = decode_token(page_token, digest)
             query = query.where(
                 or_(m.created_at < created, and_(m.created_at == created, m.message_id < last_id))
             )
@@ -668,17 +607,17 @@ class Ledger:
             rows = (await conn.execute(query)).all()
             more = len(rows) > size
             rows = rows[:size]
-            records = await _records(conn, rows)
+            records = await load_records(conn, rows)
         token = ""
         if more and rows:
-            token = _encode_token(rows[-1].created_at, str(rows[-1].message_id), digest)
+            token = encode_token(rows[-1].created_at, str(rows[-1].message_id), digest)
         return Page(messages=tuple(records), next_page_token=token)
 
     # -- fallback timers ---------------------------------------------------
 
     async def due_timers(self, now: datetime | None = None, limit: int = 100) -> Sequence[Timer]:
         """Fallback timers due at ``now`` (default: the ledger clock), earliest first."""
-        at = _db_time(now or self.now())
+        at = db_time(now or self.now())
         async with self._read() as conn:
             rows = (
                 await conn.execute(
@@ -689,7 +628,7 @@ class Ledger:
                 )
             ).all()
         return [
-            Timer(message_id=str(r.message_id), due_at=_out_time(r.due_at), attempt=int(r.attempt))
+            Timer(message_id=str(r.message_id), due_at=out_time(r.due_at), attempt=int(r.attempt))
             for r in rows
         ]
 
@@ -697,7 +636,7 @@ class Ledger:
         """When the earliest fallback timer is due (None without timers)."""
         async with self._read() as conn:
             due = await conn.scalar(select(func.min(schema.timers.c.due_at)))
-        return _out_time(due) if due is not None else None
+        return out_time(due) if due is not None else None
 
     async def fire_timer(self, message_id: str, now: datetime | None = None) -> TimerOutcome:
         """Act on a message's fallback timer if it is due (used by the FallbackEngine).
@@ -711,9 +650,9 @@ class Ledger:
         message ends FAILED (``fallback_exhausted``). Several engines may fire
         the same timer: only one acts.
         """
-        at = _db_time(now or self.now())
+        at = db_time(now or self.now())
         async with self._write() as conn:
-            row = await _lock_message(conn, message_id)
+            row = await lock_message(conn, message_id)
             timer = (
                 await conn.execute(
                     select(schema.timers).where(schema.timers.c.message_id == message_id)
@@ -722,20 +661,22 @@ class Ledger:
             if row is None or timer is None or timer.due_at > at or row.fallback_json is None:
                 return TimerOutcome(action=TimerAction.NOTHING, record=None)
             policy = FallbackPolicy.from_json(json.loads(row.fallback_json))
-            attempts = await _attempts(conn, message_id)
+            attempts = await load_attempts(conn, message_id)
             current = attempts[int(row.attempt) - 1]
             step = policy.steps[current.attempt - 1]
             drop_timer = delete(schema.timers).where(schema.timers.c.message_id == message_id)
             if int(row.state) in FINAL_STATES or success_reached(current.state, step.success_state):
                 await conn.execute(drop_timer)
-                return TimerOutcome(action=TimerAction.DONE, record=await _load(conn, message_id))
+                return TimerOutcome(
+                    action=TimerAction.DONE, record=await load_record(conn, message_id)
+                )
             created = row.created_at
             ttl_deadline = created + policy.ttl if policy.ttl is not None else None
             entries: list[StatusEntry] = []
             if ttl_deadline is not None and at >= ttl_deadline:
                 await conn.execute(drop_timer)
                 entries.append(
-                    await _transition(
+                    await gateway_transition(
                         conn,
                         row,
                         state=S.DELIVERY_STATE_EXPIRED,
@@ -748,18 +689,18 @@ class Ledger:
                 )
                 return TimerOutcome(
                     action=TimerAction.EXPIRED,
-                    record=await _load(conn, message_id),
+                    record=await load_record(conn, message_id),
                     entries=tuple(entries),
                 )
             rejected = current.state in REJECTED_STATES
-            waited_out = at >= _db_time(current.created_at) + step.wait
+            waited_out = at >= db_time(current.created_at) + step.wait
             if not rejected and not waited_out:
                 # Not due after all (e.g. a clock step): put it where it belongs.
                 await conn.execute(
                     update(schema.timers)
                     .where(schema.timers.c.message_id == message_id)
                     .values(
-                        due_at=_step_due(_db_time(current.created_at), step.wait, created, policy)
+                        due_at=step_due(db_time(current.created_at), step.wait, created, policy)
                     )
                 )
                 return TimerOutcome(action=TimerAction.NOTHING, record=None)
@@ -767,7 +708,7 @@ class Ledger:
             if current.attempt >= len(policy.steps):
                 await conn.execute(drop_timer)
                 entries.append(
-                    await _transition(
+                    await gateway_transition(
                         conn,
                         row,
                         state=S.DELIVERY_STATE_FAILED,
@@ -780,13 +721,13 @@ class Ledger:
                 )
                 return TimerOutcome(
                     action=TimerAction.EXHAUSTED,
-                    record=await _load(conn, message_id),
+                    record=await load_record(conn, message_id),
                     entries=tuple(entries),
                 )
             nxt = policy.steps[current.attempt]
             number = current.attempt + 1
             entries.append(
-                await _transition(
+                await gateway_transition(
                     conn,
                     row,
                     state=S.DELIVERY_STATE_SWITCHING_CHANNEL,
@@ -819,7 +760,7 @@ class Ledger:
                 state=S.DELIVERY_STATE_ACCEPTED,
                 provider_message_id="",
                 dispatched=False,
-                created_at=_out_time(at),
+                created_at=out_time(at),
             )
             await conn.execute(
                 update(schema.messages)
@@ -827,7 +768,7 @@ class Ledger:
                 .values(attempt=number)
             )
             entries.append(
-                await _transition(
+                await gateway_transition(
                     conn,
                     row,
                     state=S.DELIVERY_STATE_ACCEPTED,
@@ -841,10 +782,10 @@ class Ledger:
             await conn.execute(
                 update(schema.timers)
                 .where(schema.timers.c.message_id == message_id)
-                .values(due_at=_step_due(at, nxt.wait, created, policy), attempt=number)
+                .values(due_at=step_due(at, nxt.wait, created, policy), attempt=number)
             )
-            command = _next_command(row.command, nxt.channel, nxt.provider, nxt.address, number)
-            record = await _load(conn, message_id)
+            command = next_command(row.command, nxt.channel, nxt.provider, nxt.address, number)
+            record = await load_record(conn, message_id)
         # Statuses of the new attempt may have arrived before it existed.
         drained = await self._drain(message_ids=[message_id])
         return TimerOutcome(
@@ -866,9 +807,9 @@ class Ledger:
         and the command to publish (then call :meth:`mark_dispatched`). A
         fallback policy is not restarted.
         """
-        now = _db_time(self.now())
+        now = db_time(self.now())
         async with self._write() as conn:
-            row = await _lock_message(conn, message_id)
+            row = await lock_message(conn, message_id)
             if row is None:
                 raise MessageNotFoundError(message_id)
             if int(row.state) not in REJECTED_STATES:
@@ -878,7 +819,7 @@ class Ledger:
                 )
             if not row.command:
                 raise NotRetryableError(f"message {message_id} has no stored command")
-            attempts = await _attempts(conn, message_id)
+            attempts = await load_attempts(conn, message_id)
             current = attempts[int(row.attempt) - 1]
             number = len(attempts) + 1
             await conn.execute(
@@ -906,9 +847,9 @@ class Ledger:
                 state=S.DELIVERY_STATE_ACCEPTED,
                 provider_message_id="",
                 dispatched=False,
-                created_at=_out_time(now),
+                created_at=out_time(now),
             )
-            await _transition(
+            await gateway_transition(
                 conn,
                 row,
                 state=S.DELIVERY_STATE_ACCEPTED,
@@ -918,7 +859,7 @@ class Ledger:
                 permanent=False,
                 now=now,
             )
-            command = _next_command(
+            command = next_command(
                 row.command, current.channel, current.provider, current.address, number
             )
         # Statuses of the new attempt may have arrived before it existed.
@@ -939,7 +880,7 @@ class Ledger:
                     .where(
                         a.dispatched == false(),
                         a.attempt == m.attempt,
-                        a.created_at < _db_time(older_than),
+                        a.created_at < db_time(older_than),
                         m.state.not_in(list(FINAL_STATES)),
                     )
                     .order_by(a.created_at)
@@ -960,11 +901,11 @@ class Ledger:
             ).first()
             if row is None:
                 raise MessageNotFoundError(message_id)
-            found = [a for a in await _attempts(conn, message_id) if a.attempt == attempt]
+            found = [a for a in await load_attempts(conn, message_id) if a.attempt == attempt]
         if not found:
             raise MessageNotFoundError(f"{message_id} attempt {attempt}")
         att = found[0]
-        return _next_command(row.command, att.channel, att.provider, att.address, attempt)
+        return next_command(row.command, att.channel, att.provider, att.address, attempt)
 
 
 # -- helpers (module level so they are shared by every transaction) ---------
@@ -983,166 +924,6 @@ def _run_migrations(connection: SyncConnection) -> None:
     alembic_command.upgrade(config, "head")
 
 
-async def _insert_ignore(conn: AsyncConnection, table: Any, values: Mapping[str, Any]) -> bool:
-    """INSERT ... ON CONFLICT DO NOTHING; True when the row was inserted."""
-    insert = pg_dialect.insert if conn.dialect.name == "postgresql" else sqlite_dialect.insert
-    # Parameters passed separately: the statement's compiled form is cached.
-    stmt = insert(table).on_conflict_do_nothing()
-    return (await conn.execute(stmt, dict(values))).rowcount == 1
-
-
-async def _lock_message(conn: AsyncConnection, message_id: str) -> Row[Any] | None:
-    return (
-        await conn.execute(
-            select(schema.messages)
-            .where(schema.messages.c.message_id == message_id)
-            .with_for_update()
-        )
-    ).first()
-
-
-async def _message_id_for_provider_id(conn: AsyncConnection, provider_message_id: str) -> str:
-    found = await conn.scalar(
-        select(schema.attempts.c.message_id)
-        .where(schema.attempts.c.provider_message_id == provider_message_id)
-        .order_by(schema.attempts.c.created_at.desc())
-        .limit(1)
-    )
-    return str(found) if found else ""
-
-
-async def _attempts(conn: AsyncConnection, message_id: str) -> list[Attempt]:
-    return [att for _, att in await _attempts_of(conn, [message_id])]
-
-
-def _match_attempt(attempts: Sequence[Attempt], update: StatusUpdate, current: int) -> Attempt:
-    """The attempt a status is about: by provider id, then attempt number, then the
-    latest attempt on the status's connector, else the current attempt. An attempt
-    that already has another provider id never matches."""
-    if update.provider_message_id:
-        for att in attempts:
-            if att.provider_message_id == update.provider_message_id:
-                return att
-
-    def fits(att: Attempt) -> bool:
-        return (
-            (not update.channel or att.channel == update.channel)
-            and (not update.provider or att.provider == update.provider)
-            and (not att.provider_message_id or not update.provider_message_id)
-        )
-
-    if 0 < update.attempt <= len(attempts) and fits(attempts[update.attempt - 1]):
-        return attempts[update.attempt - 1]
-    if update.channel or update.provider:
-        for att in reversed(attempts):
-            if fits(att):
-                return att
-    return attempts[current - 1]
-
-
-async def _append(
-    conn: AsyncConnection,
-    message_id: str,
-    *,
-    kind: EntryKind,
-    state: int,
-    attempt: int,
-    channel: str,
-    provider: str,
-    recorded_at: datetime,
-    provider_status: str = "",
-    reason_code: str = "",
-    reason: str = "",
-    permanent: bool = False,
-    provider_message_id: str = "",
-    trace_id: str = "",
-    event_id: str = "",
-    occurred_at: datetime | None = None,
-) -> StatusEntry:
-    values: dict[str, Any] = {
-        "message_id": message_id,
-        "kind": kind.value,
-        "state": state,
-        "attempt": attempt,
-        "channel": channel,
-        "provider": provider,
-        "provider_status": provider_status,
-        "reason_code": reason_code,
-        "reason": reason,
-        "permanent": permanent,
-        "provider_message_id": provider_message_id,
-        "trace_id": trace_id,
-        "event_id": event_id,
-        "occurred_at": occurred_at,
-        "recorded_at": recorded_at,
-    }
-    result = await conn.execute(schema.timeline.insert(), values)
-    key = result.inserted_primary_key
-    if key is None:  # pragma: no cover - both backends report the new key
-        raise RuntimeError("the database did not report the timeline entry's key")
-    return StatusEntry(
-        seq=int(key[0]),
-        kind=kind,
-        state=state,
-        attempt=attempt,
-        channel=channel,
-        provider=provider,
-        provider_status=provider_status,
-        reason_code=reason_code,
-        reason=reason,
-        permanent=permanent,
-        provider_message_id=provider_message_id,
-        trace_id=trace_id,
-        event_id=event_id,
-        occurred_at=_opt_out_time(occurred_at),
-        recorded_at=_out_time(recorded_at),
-    )
-
-
-async def _transition(
-    conn: AsyncConnection,
-    row: Row[Any],
-    *,
-    state: int,
-    attempt: Attempt,
-    reason_code: str,
-    reason: str,
-    permanent: bool,
-    now: datetime,
-) -> StatusEntry:
-    """A state change the gateway itself decides (fallback), with a deterministic event id."""
-    event_id = _gateway_event_id(
-        str(row.message_id), reason_code or "accept", attempt.attempt, state
-    )
-    await _insert_ignore(
-        conn,
-        schema.seen_events,
-        {"event_id": event_id, "message_id": row.message_id, "recorded_at": now},
-    )
-    await conn.execute(
-        update(schema.messages)
-        .where(schema.messages.c.message_id == row.message_id)
-        .values(state=state, reason_code=reason_code, reason=reason, updated_at=now)
-    )
-    return await _append(
-        conn,
-        str(row.message_id),
-        kind=EntryKind.TRANSITION,
-        state=state,
-        attempt=attempt.attempt,
-        channel=attempt.channel,
-        provider=attempt.provider,
-        reason_code=reason_code,
-        reason=reason,
-        permanent=permanent,
-        provider_message_id=attempt.provider_message_id,
-        trace_id=str(row.trace_id),
-        event_id=event_id,
-        occurred_at=now,
-        recorded_at=now,
-    )
-
-
 @dataclass
 class _Drained:
     results: list[Applied]
@@ -1154,574 +935,12 @@ class _Drained:
     released: list[Applied]
 
 
-@dataclass(frozen=True)
-class _Item:
-    update: StatusUpdate
-    event_id: str
-    from_pending: bool
-
-
-@dataclass
-class _Msg:
-    """A locked message while a batch is applied to it (changes kept in memory)."""
-
-    values: dict[str, Any]
-    attempts: list[Attempt]
-    timer: bool
-    dirty: bool = False
-    dirty_attempts: set[int] = field(default_factory=set)
-    #: None, "due" (set ``timer_due``) or "delete".
-    timer_op: str | None = None
-    timer_due: datetime | None = None
-
-    @property
-    def message_id(self) -> str:
-        return str(self.values["message_id"])
-
-    def policy(self) -> FallbackPolicy | None:
-        raw = self.values["fallback_json"]
-        return FallbackPolicy.from_json(json.loads(raw)) if raw else None
-
-
-@dataclass
-class _BatchOutcome:
-    results: list[Applied]
-    linked: set[str]
-    unknown_message_ids: set[str]
-    unknown_provider_ids: set[str]
-
-
-async def _apply_batch(
-    conn: AsyncConnection, items: Sequence[_Item], now: datetime, *, final_view: bool = False
-) -> _BatchOutcome:
-    """Apply statuses in one transaction with a fixed number of statements.
-
-    ``final_view``: no other writer can commit before this transaction does
-    (SQLite), so what it reads is final.
-
-    Lock order: message rows (sorted, one statement), then pending and seen
-    rows, as everywhere else in the ledger.
-    """
-    m, a, p = schema.messages.c, schema.attempts.c, schema.pending.c
-    # Which message each status is about.
-    pid_only = sorted({i.update.provider_message_id for i in items if not i.update.message_id})
-    pid_map: dict[str, str] = {}
-    if pid_only:
-        for r in await conn.execute(
-            select(a.provider_message_id, a.message_id)
-            .where(a.provider_message_id.in_(pid_only))
-            .order_by(a.created_at)
-        ):
-            pid_map[str(r.provider_message_id)] = str(r.message_id)
-    mids = sorted(
-        {i.update.message_id or pid_map.get(i.update.provider_message_id, "") for i in items} - {""}
-    )
-    msgs: dict[str, _Msg] = {}
-    if mids:
-        rows = (
-            await conn.execute(
-                select(schema.messages)
-                .where(m.message_id.in_(mids))
-                .order_by(m.message_id)
-                .with_for_update()
-            )
-        ).all()
-        for r in rows:
-            msgs[str(r.message_id)] = _Msg(values=dict(r._mapping), attempts=[], timer=False)
-    taken: set[str] = set()
-    from_pending = sorted({i.event_id for i in items if i.from_pending})
-    if from_pending:
-        taken = {
-            str(r.event_id)
-            for r in await conn.execute(
-                delete(schema.pending).where(p.event_id.in_(from_pending)).returning(p.event_id)
-            )
-        }
-    if msgs:
-        for att in await _attempts_of(conn, sorted(msgs)):
-            msgs[att[0]].attempts.append(att[1])
-        with_policy = sorted(k for k, v in msgs.items() if v.values["fallback_json"])
-        if with_policy:
-            for r in await conn.execute(
-                select(schema.timers.c.message_id).where(
-                    schema.timers.c.message_id.in_(with_policy)
-                )
-            ):
-                msgs[str(r.message_id)].timer = True
-    candidate_ids = sorted({i.event_id for i in items})
-    seen = {
-        str(r.event_id)
-        for r in await conn.execute(
-            select(schema.seen_events.c.event_id).where(
-                schema.seen_events.c.event_id.in_(candidate_ids)
-            )
-        )
-    }
-    linked_now: dict[str, str] = {}
-    pending_rows: dict[str, dict[str, Any]] = {}
-    seen_rows: list[dict[str, Any]] = []
-    entry_rows: list[dict[str, Any]] = []
-    # Per item: (kind of result, message, indexes into entry_rows, fallback due)
-    plans: list[tuple[str, _Msg | None, list[int], bool]] = []
-    linked: set[str] = set()
-    unknown_mids: set[str] = set()
-    unknown_pids: set[str] = set()
-    for item in items:
-        u = item.update
-        if item.from_pending and item.event_id not in taken:
-            plans.append(("duplicate", None, [], False))  # another drain applied it
-            continue
-        mid = (
-            u.message_id
-            or pid_map.get(u.provider_message_id)
-            or linked_now.get(u.provider_message_id, "")
-        )
-        msg = msgs.get(mid)
-        early_attempt = (
-            msg is not None
-            and msg.values["fallback_json"] is not None
-            and u.attempt > len(msg.attempts)
-        )
-        if msg is None or early_attempt:
-            pending_rows.setdefault(
-                item.event_id,
-                {
-                    "event_id": item.event_id,
-                    "message_id": u.message_id,
-                    "provider_message_id": u.provider_message_id,
-                    "payload": _update_to_json(u),
-                    "received_at": now,
-                },
-            )
-            if msg is None:
-                if u.message_id:
-                    unknown_mids.add(u.message_id)
-                else:
-                    unknown_pids.add(u.provider_message_id)
-            plans.append(("pending", msg, [], False))
-            continue
-        if item.event_id in seen:
-            plans.append(("duplicate", msg, [], False))
-            continue
-        seen.add(item.event_id)
-        seen_rows.append({"event_id": item.event_id, "message_id": mid, "recorded_at": now})
-        entries, due, new_links = _apply_one(msg, u, item.event_id, now)
-        for pid in new_links:
-            linked_now[pid] = mid
-            linked.add(pid)
-        start = len(entry_rows)
-        entry_rows.extend(entries)
-        plans.append(("applied", msg, list(range(start, len(entry_rows))), due))
-    # Write everything back: a handful of statements whatever the batch size.
-    if seen_rows:
-        # Sorted: concurrent transactions take unique-index locks in one order.
-        seen_rows.sort(key=lambda r: str(r["event_id"]))
-        await _insert_many_ignore(conn, schema.seen_events, seen_rows)
-    if pending_rows:
-        await _insert_many_ignore(
-            conn, schema.pending, [pending_rows[k] for k in sorted(pending_rows)]
-        )
-    seqs: list[int] = []
-    if entry_rows:
-        result = await conn.execute(
-            schema.timeline.insert().returning(schema.timeline.c.seq, sort_by_parameter_order=True),
-            entry_rows,
-        )
-        seqs = [int(r.seq) for r in result]
-    attempt_rows = [
-        {
-            "b_mid": msg.message_id,
-            "b_attempt": att.attempt,
-            "state": att.state,
-            "provider_message_id": att.provider_message_id,
-        }
-        for msg in msgs.values()
-        for att in msg.attempts
-        if att.attempt in msg.dirty_attempts
-    ]
-    if attempt_rows:
-        await conn.execute(
-            update(schema.attempts)
-            .where(a.message_id == bindparam("b_mid"), a.attempt == bindparam("b_attempt"))
-            .values(state=bindparam("state"), provider_message_id=bindparam("provider_message_id")),
-            attempt_rows,
-        )
-    message_rows = [
-        {
-            "b_mid": msg.message_id,
-            "state": msg.values["state"],
-            "reason_code": msg.values["reason_code"],
-            "reason": msg.values["reason"],
-            "late_delivery": msg.values["late_delivery"],
-            "updated_at": msg.values["updated_at"],
-        }
-        for msg in msgs.values()
-        if msg.dirty
-    ]
-    if message_rows:
-        await conn.execute(
-            update(schema.messages)
-            .where(m.message_id == bindparam("b_mid"))
-            .values(
-                state=bindparam("state"),
-                reason_code=bindparam("reason_code"),
-                reason=bindparam("reason"),
-                late_delivery=bindparam("late_delivery"),
-                updated_at=bindparam("updated_at"),
-            ),
-            message_rows,
-        )
-    timer_deletes = sorted(k for k, v in msgs.items() if v.timer_op == "delete")
-    if timer_deletes:
-        await conn.execute(
-            delete(schema.timers).where(schema.timers.c.message_id.in_(timer_deletes))
-        )
-    timer_dues = [
-        {"b_mid": k, "due_at": v.timer_due} for k, v in msgs.items() if v.timer_op == "due"
-    ]
-    if timer_dues:
-        await conn.execute(
-            update(schema.timers)
-            .where(schema.timers.c.message_id == bindparam("b_mid"))
-            .values(due_at=bindparam("due_at")),
-            timer_dues,
-        )
-    records = {k: _build_record(v.values, v.attempts, active=v.timer) for k, v in msgs.items()}
-    results: list[Applied] = []
-    for kind, msg, indexes, due in plans:
-        record = records[msg.message_id] if msg is not None else None
-        if kind == "applied":
-            made = tuple(_entry(entry_rows[i], seqs[i]) for i in indexes)
-            results.append(Applied(record=record, entries=made, fallback_due=due))
-        else:
-            results.append(
-                Applied(record=record, duplicate=kind == "duplicate", pending=kind == "pending")
-            )
-    if linked and final_view:
-        # Nobody else writes before our commit: only provider ids with pending
-        # statuses need a drain.
-        result = await conn.execute(
-            select(p.provider_message_id).where(p.provider_message_id.in_(sorted(linked)))
-        )
-        linked = {str(r.provider_message_id) for r in result}
-    return _BatchOutcome(
-        results=results,
-        linked=linked,
-        unknown_message_ids=unknown_mids,
-        unknown_provider_ids=unknown_pids,
-    )
-
-
-def _apply_one(
-    msg: _Msg, u: StatusUpdate, event_id: str, now: datetime
-) -> tuple[list[dict[str, Any]], bool, list[str]]:
-    """Apply one status to a locked message in memory: (timeline rows, fallback due now,
-    provider ids newly linked to an attempt)."""
-    current_number = int(msg.values["attempt"])
-    target = _match_attempt(msg.attempts, u, current_number)
-    linked: list[str] = []
-    changes: dict[str, Any] = {}
-    if u.provider_message_id and not target.provider_message_id:
-        changes["provider_message_id"] = u.provider_message_id
-        linked.append(u.provider_message_id)
-    attempt_advanced = advance(target.state, u.state)
-    if attempt_advanced:
-        changes["state"] = u.state
-    if changes:
-        msg.attempts[target.attempt - 1] = replace(target, **changes)
-        msg.dirty_attempts.add(target.attempt)
-    timer_active = msg.timer
-    base: dict[str, Any] = {
-        "message_id": msg.message_id,
-        "attempt": target.attempt,
-        "channel": u.channel or target.channel,
-        "provider": u.provider or target.provider,
-        "provider_status": u.provider_status,
-        "reason_code": u.reason_code,
-        "reason": u.reason,
-        "permanent": u.permanent,
-        "provider_message_id": u.provider_message_id or target.provider_message_id,
-        "trace_id": u.trace_id,
-        "event_id": event_id,
-        "occurred_at": _db_time(u.occurred_at) if u.occurred_at else None,
-        "recorded_at": now,
-    }
-    rows: list[dict[str, Any]] = []
-    due = False
-    state = int(msg.values["state"])
-    values: dict[str, Any] = {}
-    if target.attempt == current_number:
-        if timer_active and u.state in REJECTED_STATES:
-            if attempt_advanced:
-                # The fallback engine decides what comes next (switch or exhausted).
-                rows.append(dict(base, kind=EntryKind.ATTEMPT.value, state=u.state))
-                msg.timer_op, msg.timer_due = "due", now
-                due = True
-        elif advance(state, u.state):
-            rows.append(dict(base, kind=EntryKind.TRANSITION.value, state=u.state))
-            values.update(state=u.state, reason_code=u.reason_code, reason=u.reason)
-            policy = msg.policy()
-            if timer_active and policy is not None:
-                step = policy.steps[target.attempt - 1]
-                if success_reached(u.state, step.success_state):
-                    msg.timer, msg.timer_op = False, "delete"
-    elif attempt_advanced:
-        late = u.state in (S.DELIVERY_STATE_DELIVERED, S.DELIVERY_STATE_READ) and not bool(
-            msg.values["late_delivery"]
-        )
-        if late:
-            reason = u.reason or (
-                f"attempt {target.attempt} on {target.channel}/{target.provider} delivered "
-                "after the switch; suppress the duplicate"
-            )
-            rows.append(
-                dict(
-                    base,
-                    kind=EntryKind.LATE_DELIVERY.value,
-                    state=u.state,
-                    reason_code=REASON_LATE_DELIVERY,
-                    reason=reason,
-                )
-            )
-            values["late_delivery"] = True
-            if timer_active:
-                # The recipient has it: trying more channels would only add duplicates.
-                msg.timer, msg.timer_op = False, "delete"
-            if advance(state, u.state):
-                values.update(state=u.state, reason_code=REASON_LATE_DELIVERY, reason=reason)
-        else:
-            rows.append(dict(base, kind=EntryKind.ATTEMPT.value, state=u.state))
-    if rows or values:
-        values["updated_at"] = now
-        msg.values.update(values)
-        msg.dirty = True
-    return rows, due, linked
-
-
-def _entry(row: Mapping[Any, Any], seq: int) -> StatusEntry:
-    return StatusEntry(
-        seq=seq,
-        kind=EntryKind(row["kind"]),
-        state=int(row["state"]),
-        attempt=int(row["attempt"]),
-        channel=str(row["channel"]),
-        provider=str(row["provider"]),
-        provider_status=str(row["provider_status"]),
-        reason_code=str(row["reason_code"]),
-        reason=str(row["reason"]),
-        permanent=bool(row["permanent"]),
-        provider_message_id=str(row["provider_message_id"]),
-        trace_id=str(row["trace_id"]),
-        event_id=str(row["event_id"]),
-        occurred_at=_opt_out_time(row["occurred_at"]),
-        recorded_at=_out_time(row["recorded_at"]),
-    )
-
-
-async def _insert_many_ignore(
-    conn: AsyncConnection, table: Any, rows: list[dict[str, Any]]
-) -> None:
-    """Multi-row INSERT ... ON CONFLICT DO NOTHING."""
-    insert = pg_dialect.insert if conn.dialect.name == "postgresql" else sqlite_dialect.insert
-    await conn.execute(insert(table).values(rows).on_conflict_do_nothing())
-
-
-async def _attempts_of(
-    conn: AsyncConnection, message_ids: Sequence[str]
-) -> list[tuple[str, Attempt]]:
-    rows = (
-        await conn.execute(
-            select(schema.attempts)
-            .where(schema.attempts.c.message_id.in_(message_ids))
-            .order_by(schema.attempts.c.message_id, schema.attempts.c.attempt)
-        )
-    ).all()
-    return [(str(r.message_id), _attempt(r)) for r in rows]
-
-
-def _attempt(r: Row[Any]) -> Attempt:
-    return Attempt(
-        attempt=int(r.attempt),
-        channel=str(r.channel),
-        provider=str(r.provider),
-        address=str(r.address),
-        state=int(r.state),
-        provider_message_id=str(r.provider_message_id),
-        dispatched=bool(r.dispatched),
-        created_at=_out_time(r.created_at),
-    )
-
-
-def _step_due(
-    start: datetime, wait: timedelta, created: datetime, policy: FallbackPolicy
-) -> datetime:
-    due = start + wait
-    if policy.ttl is not None:
-        due = min(due, created + policy.ttl)
-    return due
-
-
-def _next_command(
-    stored: bytes, channel: str, provider: str, address: str, attempt: int
-) -> SendMessageCommand:
-    """The stored first command re-targeted to another channel as attempt ``attempt``."""
-    command = SendMessageCommand()
-    command.ParseFromString(stored)
-    if (command.channel, command.provider) != (channel, provider):
-        # Account and sender belong to the first connector; the next one uses its defaults.
-        command.account = ""
-        command.message.ClearField("sender")
-    command.channel, command.provider, command.attempt = channel, provider, attempt
-    first = (
-        command.message.recipients[0]
-        if command.message.recipients
-        else Participant(role=ParticipantRole.PARTICIPANT_ROLE_CUSTOMER)
-    )
-    recipient = Participant()
-    recipient.CopyFrom(first)
-    recipient.channel, recipient.address = channel, address
-    del command.message.recipients[:]
-    command.message.recipients.append(recipient)
-    return command
-
-
-async def _load(
-    conn: AsyncConnection, message_id: str, *, timeline: bool = False
-) -> MessageRecord | None:
-    row = (
-        await conn.execute(
-            select(schema.messages).where(schema.messages.c.message_id == message_id)
-        )
-    ).first()
-    if row is None:
-        return None
-    return await _record(conn, row, timeline=timeline)
-
-
-async def _record(
-    conn: AsyncConnection,
-    row: Row[Any] | Mapping[str, Any],
-    *,
-    timeline: bool,
-    attempts: list[Attempt] | None = None,
-) -> MessageRecord:
-    """A message record from a ``ledger_messages`` row (or its values as a mapping)."""
-    values: Mapping[Any, Any] = row._mapping if isinstance(row, Row) else row
-    message_id = str(values["message_id"])
-    if attempts is None:
-        attempts = await _attempts(conn, message_id)
-    entries: list[StatusEntry] = []
-    if timeline:
-        t = schema.timeline.c
-        result = await conn.execute(
-            select(schema.timeline).where(t.message_id == message_id).order_by(t.seq)
-        )
-        entries = [_entry(e._mapping, int(e.seq)) for e in result]
-    active = (
-        values["fallback_json"] is not None
-        and await conn.scalar(
-            select(schema.timers.c.message_id).where(schema.timers.c.message_id == message_id)
-        )
-        is not None
-    )
-    return _build_record(values, attempts, active=active, timeline=entries)
-
-
-async def _records(conn: AsyncConnection, rows: Sequence[Row[Any]]) -> list[MessageRecord]:
-    """Records (without timeline) of many message rows, in three queries."""
-    ids = [str(r.message_id) for r in rows]
-    if not ids:
-        return []
-    attempts: dict[str, list[Attempt]] = {i: [] for i in ids}
-    for mid, att in await _attempts_of(conn, ids):
-        attempts[mid].append(att)
-    with_policy = [str(r.message_id) for r in rows if r.fallback_json]
-    active: set[str] = set()
-    if with_policy:
-        result = await conn.execute(
-            select(schema.timers.c.message_id).where(schema.timers.c.message_id.in_(with_policy))
-        )
-        active = {str(r.message_id) for r in result}
-    return [
-        _build_record(r._mapping, attempts[str(r.message_id)], active=str(r.message_id) in active)
-        for r in rows
-    ]
-
-
-def _build_record(
-    values: Mapping[Any, Any],
-    attempts: Sequence[Attempt],
-    *,
-    active: bool,
-    timeline: Sequence[StatusEntry] = (),
-) -> MessageRecord:
-    current = attempts[int(values["attempt"]) - 1]
-    return MessageRecord(
-        message_id=str(values["message_id"]),
-        idempotency_key=str(values["idempotency_key"]),
-        state=int(values["state"]),
-        channel=current.channel,
-        provider=current.provider,
-        address=current.address,
-        attempt=current.attempt,
-        provider_message_id=current.provider_message_id,
-        conversation_id=str(values["conversation_id"]),
-        correlation_id=str(values["correlation_id"]),
-        metadata=json.loads(values["metadata_json"]),
-        command=bytes(values["command"]),
-        fallback=FallbackPolicy.from_json(json.loads(values["fallback_json"]))
-        if values["fallback_json"]
-        else None,
-        fallback_active=active,
-        expires_at=_opt_out_time(values["expires_at"]),
-        trace_id=str(values["trace_id"]),
-        reason_code=str(values["reason_code"]),
-        reason=str(values["reason"]),
-        late_delivery=bool(values["late_delivery"]),
-        created_at=_out_time(values["created_at"]),
-        updated_at=_out_time(values["updated_at"]),
-        attempts=tuple(attempts),
-        timeline=tuple(timeline),
-    )
-
-
-def _filter_digest(flt: ListFilter) -> str:
-    parts = (
-        flt.conversation_id,
-        flt.correlation_id,
-        as_utc(flt.since).isoformat() if flt.since else "",
-        as_utc(flt.until).isoformat() if flt.until else "",
-    )
-    return hashlib.sha256("\x1f".join(parts).encode()).hexdigest()[:16]
-
-
-def _encode_token(created: datetime, message_id: str, digest: str) -> str:
-    data = json.dumps({"v": 1, "c": created.isoformat(), "m": message_id, "f": digest})
-    return base64.urlsafe_b64encode(data.encode()).decode().rstrip("=")
-
-
-def _decode_token(token: str, digest: str) -> tuple[datetime, str]:
-    try:
-        raw = base64.urlsafe_b64decode(token + "=" * (-len(token) % 4))
-        data = json.loads(raw)
-        created = datetime.fromisoformat(data["c"])
-        message_id = data["m"]
-        token_digest = data["f"]
-    except (binascii.Error, ValueError, KeyError, TypeError) as exc:
-        raise InvalidPageTokenError("malformed page token") from exc
-    if data.get("v") != 1 or not isinstance(message_id, str):
-        raise InvalidPageTokenError("malformed page token")
-    if token_digest != digest:
-        raise InvalidPageTokenError("page token belongs to a different filter")
-    return created.replace(tzinfo=None), message_id
-
-
 def _sqlite_setup(engine: AsyncEngine) -> None:
     """WAL, a busy timeout and BEGIN IMMEDIATE for writes, so writers from several
     processes queue instead of failing, and reads do not block them."""
 
     @event.listens_for(engine.sync_engine, "connect")
-    def _connect(dbapi_connection: Any, _record: Any) -> None:
+    def _connect(dbapi_connection: Any, load_record_row: Any) -> None:
         # Let SQLAlchemy emit BEGIN itself (pysqlite's implicit BEGIN is DEFERRED).
         dbapi_connection.isolation_level = None
         cursor = dbapi_connection.cursor()

@@ -206,7 +206,7 @@ async def test_a_deadlock_victim_is_redone(
         deadlock = exc
     finally:
         await engine.dispose()
-    real = store._apply_batch
+    real = store.apply_batch
     calls = 0
 
     async def victim_once(*args: Any, **kwargs: Any) -> Any:
@@ -217,7 +217,7 @@ async def test_a_deadlock_victim_is_redone(
         return await real(*args, **kwargs)
 
     record, _ = await ledger.accept(new("k1", "m1"))
-    monkeypatch.setattr(store, "_apply_batch", victim_once)
+    monkeypatch.setattr(store, "apply_batch", victim_once)
     after = await ledger.apply_status(
         StatusUpdate(state=S.DELIVERY_STATE_SENT, message_id=record.message_id)
     )
