@@ -300,12 +300,22 @@ class Service:
             await self.stop()
 
 
+#: Service names that host several channels: ``channel-gateway run social``.
+SERVICE_CHANNELS: dict[str, tuple[str, ...]] = {
+    "social": ("whatsapp", "messenger", "instagram", "telegram"),
+}
+
+
 def enabled_connectors(settings: RuntimeSettings, selectors: Sequence[str]) -> list[str]:
-    """Connector names for ``run`` arguments: a channel (``sms``) or a name (``sms.twilio``),
-    limited to those the config enables. No selector means every enabled one."""
+    """Connector names for ``run`` arguments: a channel (``sms``), a service of several
+    channels (``social``) or a name (``sms.twilio``), limited to those the config
+    enables. No selector means every enabled one."""
     names: list[str] = []
     for selector in selectors or sorted(settings.connectors):
-        candidates = [selector] if "." in selector else registry.for_channel(selector)
+        if selector in SERVICE_CHANNELS:
+            candidates = [n for c in SERVICE_CHANNELS[selector] for n in registry.for_channel(c)]
+        else:
+            candidates = [selector] if "." in selector else registry.for_channel(selector)
         if "." in selector:
             registry.load(selector)  # a clear error for a misspelled name
         names.extend(n for n in candidates if settings.connector_enabled(n) and n not in names)
