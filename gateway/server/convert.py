@@ -44,7 +44,10 @@ def _policy(policy: LedgerPolicy) -> FallbackPolicy:
         wait.FromTimedelta(step.wait)
         out.steps.append(
             FallbackStep(
-                channel=step.channel, success_state=State.ValueType(step.success_state), wait=wait
+                channel=step.channel,
+                provider=step.provider,
+                success_state=State.ValueType(step.success_state),
+                wait=wait,
             )
         )
     if policy.ttl is not None:

@@ -20,6 +20,7 @@ from connectors.sms.addresses import sms_address
 from gateway.api.v1.command_pb2 import SendMessageCommand
 from gateway.api.v1.delivery_pb2 import DeliveryState
 from gateway.api.v1.gateway_service_pb2 import ChannelIdentity, SendMessageRequest
+from gateway.api.v1.gateway_service_pb2 import FallbackStep as FallbackStepPb
 from gateway.api.v1.message_pb2 import Direction
 from gateway.api.v1.participant_pb2 import Participant, ParticipantRole
 from gateway.contract.connector import ConnectorSpec
@@ -106,6 +107,25 @@ def normalize_address(channel: str, address: str) -> str:
     return rule(address) if rule is not None else address.strip()
 
 
+def _step_identity(
+    step: FallbackStepPb, identities: list[tuple[str, ChannelIdentity]]
+) -> tuple[str, ChannelIdentity] | None:
+    """The recipient's identity a fallback step sends to: the first on its channel
+    (and its provider, when the step names one), with the step's provider applied."""
+    for path, identity in identities:
+        if identity.channel != step.channel:
+            continue
+        if step.provider and identity.provider not in ("", step.provider):
+            continue
+        if step.provider and not identity.provider:
+            chosen = ChannelIdentity()
+            chosen.CopyFrom(identity)
+            chosen.provider = step.provider
+            return path, chosen
+        return path, identity
+    return None
+
+
 def _check_shape(request: SendMessageRequest) -> list[Violation]:
     v: list[Violation] = []
     key = request.idempotency_key
@@ -155,7 +175,6 @@ def _check_shape(request: SendMessageRequest) -> list[Violation]:
             )
     if request.ttl.seconds < 0 or request.ttl.nanos < 0:
         v.append(Violation("ttl", "must not be negative"))
-    channels = {identity.channel for _, identity in identities}
     if request.HasField("fallback"):
         steps = request.fallback.steps
         if not steps:
@@ -164,15 +183,11 @@ def _check_shape(request: SendMessageRequest) -> list[Violation]:
             v.append(Violation("fallback.ttl", "must not be negative"))
         for i, step in enumerate(steps):
             path = f"fallback.steps[{i}]"
-            if any(earlier.channel == step.channel for earlier in steps[:i]):
-                v.append(Violation(f"{path}.channel", f"{step.channel!r} is an earlier step too"))
-            elif step.channel not in channels:
-                v.append(
-                    Violation(
-                        f"{path}.channel",
-                        f"the recipient has no identity on channel {step.channel!r}",
-                    )
-                )
+            where = f"{step.channel}.{step.provider}" if step.provider else repr(step.channel)
+            if any((e.channel, e.provider) == (step.channel, step.provider) for e in steps[:i]):
+                v.append(Violation(f"{path}.channel", f"{where} is an earlier step too"))
+            elif _step_identity(step, identities) is None:
+                v.append(Violation(f"{path}.channel", f"the recipient has no identity on {where}"))
             state = step.success_state or S.DELIVERY_STATE_DELIVERED
             if state not in SUCCESS_STATES:
                 v.append(Violation(f"{path}.success_state", "SENT, DELIVERED or READ"))
@@ -197,20 +212,20 @@ def prepare_send(
     if violations:
         raise invalid(violations)
     identities = _identities(request)
-    by_channel: dict[str, tuple[str, ChannelIdentity]] = {}
-    for path, identity in identities:
-        by_channel.setdefault(identity.channel, (path, identity))
-    # The plan: (field path, identity, success state, wait) per channel, in order.
+    # The plan: (field path, identity, success state, wait) per step, in order.
+    plan: list[tuple[str, ChannelIdentity, int, timedelta]]
     if request.HasField("fallback"):
-        plan = [
-            (
-                by_channel[step.channel][0],
-                by_channel[step.channel][1],
-                step.success_state or S.DELIVERY_STATE_DELIVERED,
-                step.wait.ToTimedelta() or DEFAULT_STEP_WAIT,
+        plan = []
+        for step in request.fallback.steps:
+            found = _step_identity(step, identities)
+            assert found is not None  # checked by _check_shape
+            plan.append(
+                (
+                    *found,
+                    step.success_state or S.DELIVERY_STATE_DELIVERED,
+                    step.wait.ToTimedelta() or DEFAULT_STEP_WAIT,
+                )
             )
-            for step in request.fallback.steps
-        ]
     else:
         plan = [
             (path, identity, S.DELIVERY_STATE_DELIVERED, DEFAULT_STEP_WAIT)

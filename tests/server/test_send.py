@@ -7,6 +7,7 @@ from pathlib import Path
 
 import grpc
 import pytest
+from google.protobuf.duration_pb2 import Duration
 from google.rpc import error_details_pb2
 from grpc import aio
 from grpc_status import rpc_status
@@ -554,3 +555,85 @@ async def test_send_joins_the_callers_trace(gateway: Gateway) -> None:
     assert reply.trace_id == trace_id
     traceparent = str(commands(gateway.bus)[0][1].headers["traceparent"])
     assert traceparent.split("-")[1] == trace_id
+
+
+async def test_timeout_switch_and_late_delivery_notices(tmp_path: Path) -> None:
+    """No SENT within the step's wait: switch to the next provider. The first one
+    delivering afterwards is announced as a late delivery; ordinary statuses are not
+    echoed by the gateway (consumers already have them)."""
+    bus = InMemoryBus()
+    await bus.connect()
+    config = settings(tmp_path, connectors={"sms.twilio": {}, "sms.vonage": {}})
+    server, channel = await start_gateway(config, bus=bus)
+    try:
+        stub = GatewayServiceStub(channel)
+        request = text_request()
+        request.recipient.CopyFrom(
+            Recipient(
+                identities=ChannelIdentities(
+                    identities=[ChannelIdentity(channel="sms", address=CUSTOMER)]
+                )
+            )
+        )
+        short, long = Duration(), Duration()
+        short.FromMilliseconds(300)
+        long.FromSeconds(60)
+        request.fallback.CopyFrom(
+            FallbackPolicy(
+                steps=[
+                    FallbackStep(
+                        channel="sms",
+                        provider="twilio",
+                        success_state=S.DELIVERY_STATE_SENT,
+                        wait=short,
+                    ),
+                    FallbackStep(channel="sms", provider="vonage", wait=long),
+                ]
+            )
+        )
+        reply = await stub.SendMessage(request, timeout=5)
+        assert reply.provider == "twilio"
+        for _ in range(100):  # the engine fires the persisted timer
+            if len(commands(bus)) == 2:
+                break
+            await asyncio.sleep(0.05)
+        assert [k for k, _ in commands(bus)] == ["send.sms.twilio", "send.sms.vonage"]
+        first, second = (decode(m) for _, m in commands(bus))
+
+        for command, state in (
+            (second, S.DELIVERY_STATE_QUEUED),  # an ordinary status of the current attempt
+            (first, S.DELIVERY_STATE_DELIVERED),  # the channel given up on delivers
+        ):
+            event = status_event(command, account="main", status=DeliveryStatus(state=state))
+            await bus.publish(
+                EVENTS_EXCHANGE, event_routing_key(event), encode_event(event), timeout=2
+            )
+        got = await wait_for_late_delivery(stub, reply.message_id)
+        assert (got.provider, got.attempt) == ("vonage", 2)
+        assert got.fallback.steps[0].provider == "twilio"
+        await asyncio.sleep(0.2)
+        notices = []
+        for exchange, _, m in bus.published:
+            if exchange == EVENTS_EXCHANGE:
+                event = Event()
+                event.ParseFromString(m.body)
+                if event.attributes.get("gateway.origin") == "ledger":
+                    notices.append(
+                        (event.status.state, event.attributes.get("gateway.late_delivery"))
+                    )
+        assert (S.DELIVERY_STATE_SWITCHING_CHANNEL, None) in notices
+        assert (S.DELIVERY_STATE_DELIVERED, "true") in notices
+        assert (S.DELIVERY_STATE_QUEUED, None) not in notices  # not echoed
+    finally:
+        await channel.close()
+        await server.stop()
+        await bus.close()
+
+
+async def wait_for_late_delivery(stub: GatewayServiceStub, message_id: str) -> OutboundMessage:
+    for _ in range(100):
+        got = (await stub.GetMessage(GetMessageRequest(message_id=message_id), timeout=2)).message
+        if got.late_delivery:
+            return got
+        await asyncio.sleep(0.05)
+    raise AssertionError(f"no late delivery recorded: {got}")

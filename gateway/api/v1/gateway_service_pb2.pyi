@@ -227,15 +227,22 @@ class FallbackStep(_message.Message):
     CHANNEL_FIELD_NUMBER: _builtins.int
     SUCCESS_STATE_FIELD_NUMBER: _builtins.int
     WAIT_FIELD_NUMBER: _builtins.int
+    PROVIDER_FIELD_NUMBER: _builtins.int
     channel: _builtins.str
     """Channel of the step; the recipient's identity on this channel is used."""
     success_state: _delivery_pb2.DeliveryState.ValueType
     """The state that counts as success on this channel: SENT, DELIVERED or
     READ. UNSPECIFIED means DELIVERED.
     """
+    provider: _builtins.str
+    """Provider of the step, when the recipient has identities for several
+    providers of the channel; empty: the first identity on the channel.
+    """
     @_builtins.property
     def wait(self) -> _duration_pb2.Duration:
-        """How long to wait for success_state before switching to the next step."""
+        """How long to wait for success_state before switching to the next step
+        (zero: 5 minutes).
+        """
 
     def __init__(
         self,
@@ -243,10 +250,11 @@ class FallbackStep(_message.Message):
         channel: _builtins.str = ...,
         success_state: _delivery_pb2.DeliveryState.ValueType = ...,
         wait: _duration_pb2.Duration | None = ...,
+        provider: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["wait", b"wait"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["channel", b"channel", "success_state", b"success_state", "wait", b"wait"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["channel", b"channel", "provider", b"provider", "success_state", b"success_state", "wait", b"wait"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
