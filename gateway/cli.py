@@ -9,6 +9,7 @@ channel-gateway connectors         list installed connectors and their manifests
 channel-gateway run gateway        the gRPC gateway (ledger, status ingestor, fallback engine)
 channel-gateway send +4477... -m hi   send through the gateway's gRPC API
 channel-gateway trace <message-id>    a message's status timeline with trace ids
+channel-gateway telegram set-webhook <bot>   register a bot's webhook (and secret token)
 """
 
 from __future__ import annotations
@@ -258,6 +259,55 @@ def _add_gateway_commands(sub: argparse._SubParsersAction[argparse.ArgumentParse
     trace.add_argument("--json", action="store_true", help="JSON instead of a table")
 
 
+def _add_telegram_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    telegram = sub.add_parser("telegram", help="Telegram bot management")
+    commands = telegram.add_subparsers(dest="telegram_command", required=True)
+    hook = commands.add_parser(
+        "set-webhook", help="register a bot's webhook URL and secret token with Telegram"
+    )
+    hook.add_argument("bot", help="bot key under connectors.telegram.bot.bots")
+    hook.add_argument("--url", help="webhook URL (default: http.public_base_url + the bot's route)")
+    hook.add_argument(
+        "--drop-pending", action="store_true", help="drop updates Telegram has queued"
+    )
+
+
+async def _telegram_set_webhook(args: argparse.Namespace) -> int:
+    """``telegram set-webhook``: setWebhook with the configured secret token."""
+    import aiohttp
+
+    from gateway.contract.errors import ConnectorError
+    from gateway.runtime.service import RuntimeContext
+    from gateway.runtime.telemetry import get_logger
+
+    settings = load_config(args.config)
+    spec = registry.load("telegram.bot")
+    section = settings.connector_settings(spec)
+    base = settings.http.public_base_url
+    if not args.url and not base:
+        raise ConfigError("set http.public_base_url (Telegram calls it over https) or pass --url")
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=30)) as http:
+        context = RuntimeContext(
+            spec=spec, http=http, log=get_logger("cli.telegram"), base_url=base or ""
+        )
+        connector = spec.factory(context, section)
+        context.routes = {r.name: r for r in connector.webhook_routes()}
+        set_webhook = getattr(connector, "set_webhook", None)
+        if not callable(set_webhook):
+            raise ConfigError("the installed telegram.bot connector cannot set webhooks")
+        url = args.url or context.webhook_url("update", account=args.bot)
+        await connector.start()
+        try:
+            await set_webhook(args.bot, url, drop_pending=args.drop_pending)
+        except ConnectorError as exc:
+            print(f"channel-gateway: setWebhook failed: {exc}", file=sys.stderr)
+            return 1
+        finally:
+            await connector.stop()
+    print(f"webhook of bot {args.bot} set to {url}")
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Console-script entry point."""
     parser = argparse.ArgumentParser(prog="channel-gateway", description=__doc__.splitlines()[0])
@@ -297,6 +347,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     tail.add_argument("--json", action="store_true", help="one JSON object per line")
     sub.add_parser("connectors", help="list installed connectors and their manifests")
     _add_gateway_commands(sub)
+    _add_telegram_commands(sub)
     args = parser.parse_args(argv)
     try:
         if args.command == "run" and "gateway" in args.selectors:
@@ -309,6 +360,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _send(args)
         if args.command == "trace":
             return _trace(args)
+        if args.command == "telegram":
+            return asyncio.run(_telegram_set_webhook(args))
         if args.command == "demo":
             from gateway.demo import run_demo
 
