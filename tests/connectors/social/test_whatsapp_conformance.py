@@ -7,12 +7,16 @@ realistic shape: 3 entries x 2 changes x (5 messages + 1 status).
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import hmac
 import json
 import secrets
 from collections.abc import Sequence
 from typing import Any
+
+import aio_pika
+import pytest
 
 from connectors.social.meta.signature import LEGACY_SIGNATURE_HEADER, SIGNATURE_HEADER
 from gateway.api.v1.command_pb2 import SendMessageCommand
@@ -21,6 +25,7 @@ from gateway.api.v1.delivery_pb2 import DeliveryState
 from gateway.api.v1.envelope_pb2 import Event
 from gateway.api.v1.message_pb2 import Direction, Message
 from gateway.api.v1.participant_pb2 import Participant
+from gateway.runtime.topology import EVENTS_EXCHANGE
 from gateway.testing.conformance import (
     BatchCase,
     ConnectorConformance,
@@ -216,3 +221,33 @@ class TestWhatsAppConformance(ConnectorConformance):
             async with h.http.get(url, params={**ok, "hub.verify_token": "nope"}) as resp:
                 assert resp.status == 403
             assert h.events == []
+
+
+@pytest.mark.rabbitmq
+async def test_rabbitmq_whole_batch_is_on_the_broker_before_200_and_a_retry_adds_nothing(
+    rabbitmq_url: str, unique: str, amqp_connection: aio_pika.abc.AbstractConnection
+) -> None:
+    suite = TestWhatsAppConformance()
+    channel = await amqp_connection.channel()
+    queue = await channel.declare_queue(f"social.{unique}", auto_delete=False)
+    await queue.bind(EVENTS_EXCHANGE, routing_key="#.whatsapp.meta")
+    try:
+        async with suite.running(broker_url=rabbitmq_url, collect=False) as h:
+            for subscription in h.service._subscriptions:  # webhooks only
+                await subscription.cancel()
+            payload, expected = batch_payload()
+            call = signed(h.base_url + PATH, payload)
+            assert (await h.post(call))[0] == 200
+            found: list[str] = []
+            while (message := await queue.get(fail=False, no_ack=True)) is not None:
+                event = Event()
+                event.ParseFromString(message.body)
+                found.extend(items_of([event]))
+            # Confirmed means routed and stored: all 36 are there the moment we got 200.
+            assert sorted(i for i in found if i in expected) == sorted(expected)
+            assert (await h.post(call))[0] == 200  # Meta's retry of the whole batch
+            await asyncio.sleep(0.3)
+            assert await queue.get(fail=False, no_ack=True) is None
+    finally:
+        await queue.delete(if_unused=False, if_empty=False)
+        await channel.close()
