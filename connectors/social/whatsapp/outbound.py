@@ -11,6 +11,7 @@ Actions the contract has no content case for ride in ``metadata``:
 - ``whatsapp.action = reaction``: react to ``reply_to`` with
   ``whatsapp.emoji`` (empty removes the reaction);
 - ``whatsapp.action = mark_read``: mark ``reply_to`` (a customer's message) read;
+  with ``whatsapp.typing = true`` also show a typing indicator;
 - ``whatsapp.list_button``: the label of a list's open button (default "Choose").
 """
 
@@ -68,7 +69,15 @@ def build_payload(command: SendMessageCommand) -> dict[str, Any]:
     if kind == "mark_read":
         if not message.reply_to:
             raise PermanentError("mark_read needs reply_to (the message to mark)", code="invalid")
-        return {"messaging_product": "whatsapp", "status": "read", "message_id": message.reply_to}
+        receipt: dict[str, Any] = {
+            "messaging_product": "whatsapp",
+            "status": "read",
+            "message_id": message.reply_to,
+        }
+        if command.metadata.get("whatsapp.typing") == "true":
+            # Shows "typing..." to the customer until we answer (or 25 s pass).
+            receipt["typing_indicator"] = {"type": "text"}
+        return receipt
     payload: dict[str, Any] = {
         "messaging_product": "whatsapp",
         "recipient_type": "individual",

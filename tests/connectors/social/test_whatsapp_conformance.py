@@ -212,6 +212,20 @@ class TestWhatsAppConformance(ConnectorConformance):
             assert len(events) == 36
             assert sorted(items_of(events)) == sorted(expected)
 
+    async def test_signed_but_malformed_payloads_are_400_and_publish_nothing(self) -> None:
+        async with self.running() as h:
+            url = h.base_url + PATH
+            for body in (
+                b"{not json",
+                b"[]",
+                wa.body({"object": "page", "entry": []}),
+                wa.body(wa.webhook(wa.change([wa.text_message(wa_id="not-a-number")]))),
+            ):
+                call = WebhookCall(url=url, headers=hub_headers(body), body=body)
+                assert (await h.post(call))[0] == 400, body
+            await asyncio.sleep(0.2)
+            assert h.events == []
+
     async def test_subscription_handshake_over_http(self) -> None:
         async with self.running() as h:
             url = h.base_url + PATH

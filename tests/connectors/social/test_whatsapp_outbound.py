@@ -254,6 +254,13 @@ async def test_mark_as_read(connector: tuple[WhatsAppConnector, Context], fake: 
         "status": "read",
         "message_id": "wamid.IN",
     }
+    await conn.send(
+        command(
+            Message(reply_to="wamid.IN2"),
+            **{"whatsapp.action": "mark_read", "whatsapp.typing": "true"},
+        )
+    )
+    assert fake.calls[1].body["typing_indicator"] == {"type": "text"}
 
 
 async def test_errors_carry_the_retry_decision(
