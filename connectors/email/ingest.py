@@ -52,6 +52,11 @@ class MailIngestor:
         self._executor = executor
         self._parser = MimeParser(self._limits, workers=caps.workers, executor=executor)
 
+    @property
+    def mime(self) -> MimeParser:
+        """The parser pool (other CPU-bound input work may run in it too)."""
+        return self._parser
+
     async def warm(self) -> None:
         """Start the parser workers."""
         await self._parser.warm()

@@ -179,7 +179,7 @@ _DSN_STATES: dict[str, tuple[DeliveryState.ValueType, bool]] = {
 }
 
 
-def _status_event(
+def status_event(
     *,
     provider: str,
     account: str,
@@ -190,6 +190,7 @@ def _status_event(
     occurred_at: datetime | None,
     raw: RawPayload | None,
 ) -> Event:
+    """A ``message.status`` event; its id derives from ``kind`` and ``key``."""
     event = Event(
         id=inbound_event_id(provider, account, kind, *key),
         type="message.status",
@@ -229,7 +230,7 @@ def status_events(
             message_id=gateway_message_id(about, message_id_domain) if message_id_domain else "",
             recipient=mail.sender.address if mail.sender else "",
         )
-        event = _status_event(
+        event = status_event(
             provider=provider,
             account=account,
             kind="auto_reply",
@@ -267,7 +268,7 @@ def status_events(
             recipient=recipient.recipient,
         )
         events.append(
-            _status_event(
+            status_event(
                 provider=provider,
                 account=account,
                 kind="dsn",
@@ -344,4 +345,55 @@ def quarantine_event(
     event.attributes["email.quarantine_reason"] = reason
     event.attributes["email.quarantine_detail"] = detail[:500]
     _envelope(event, mail_from, rcpt_to, None)
+    return event
+
+
+def interaction_event(
+    *,
+    provider: str,
+    account: str,
+    key: Sequence[str],
+    interaction: str,
+    recipient: str,
+    provider_message_id: str,
+    message_id: str,
+    received_at: datetime,
+    occurred_at: datetime | None,
+    raw: RawPayload | None,
+    url: str = "",
+) -> Event:
+    """A ``message.interaction`` event: an open, click, complaint or unsubscribe.
+
+    These are not delivery states (an open pixel proves little, a click may be
+    a link scanner), so they never move a message's status. The contract has
+    no payload for them: an open carries a ``Read`` payload, every one names
+    itself in ``email.interaction`` (and ``email.url`` for clicks).
+    """
+    event = Event(
+        id=inbound_event_id(provider, account, "interaction", *key),
+        type="message.interaction",
+        channel=CHANNEL,
+        provider=provider,
+        account=account,
+        occurred_at=_timestamp(occurred_at or received_at),
+        received_at=_timestamp(received_at),
+        causation_id=message_id,
+    )
+    if interaction == "open":
+        event.read.reader.CopyFrom(
+            Participant(
+                channel=CHANNEL, address=recipient, role=ParticipantRole.PARTICIPANT_ROLE_CUSTOMER
+            )
+        )
+        event.read.provider_message_id = provider_message_id
+    event.attributes["email.interaction"] = interaction
+    event.attributes["email.recipient"] = recipient
+    if provider_message_id:
+        event.attributes["email.provider_message_id"] = provider_message_id
+    if message_id:
+        event.attributes["email.message_id"] = message_id
+    if url:
+        event.attributes["email.url"] = url[:2000]
+    if raw is not None:
+        event.raw.CopyFrom(raw)
     return event

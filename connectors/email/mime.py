@@ -25,7 +25,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import re
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import Executor, ProcessPoolExecutor
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -34,11 +34,12 @@ from email.headerregistry import Address
 from email.message import Message
 from email.utils import getaddresses, parsedate_to_datetime
 from multiprocessing import get_context
-from typing import Literal
+from typing import Any, Literal, TypeVar
 
 import nh3
 
 MailKind = Literal["message", "auto_reply", "dsn"]
+T = TypeVar("T")
 
 
 class MimeLimitError(ValueError):
@@ -515,6 +516,11 @@ class MimeParser:
         """Parse ``raw`` in the pool; raises :class:`MimeLimitError` on a cap."""
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(self._pool(), parse, raw, self.limits)
+
+    async def run(self, func: Callable[..., T], *args: Any) -> T:
+        """Run another CPU-bound, picklable ``func`` (a form-data split, say) in the pool."""
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._pool(), func, *args)
 
     def close(self) -> None:
         """Shut the pool down (if this parser started it)."""

@@ -1,0 +1,139 @@
+"""Mailgun email connector: route forwards (inbound mail) and event webhooks.
+
+Provider API: Mailgun v3 webhooks.
+Docs: https://documentation.mailgun.com/docs/mailgun/user-manual/webhooks/securing-webhooks
+
+Routes (under ``/webhooks/email/mailgun``), one set per configured account:
+
+- ``/{account}/inbound``: a route's ``forward()`` (form or multipart; the raw
+  MIME in ``body-mime`` when the route URL ends in ``mime``, as
+  ``/{account}/inbound/mime`` does);
+- ``/{account}/events``: event webhooks (delivered, failed permanent /
+  temporary, accepted, rejected; opened, clicked, unsubscribed, complained
+  as interactions).
+
+Both are signed with the webhook signing key (HMAC-SHA256 of timestamp +
+token), held to a freshness window, with a token-to-body replay cache.
+Outbound email goes through ``email.smtp`` (Mailgun's SMTP relay).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Self
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from connectors.email.mailgun import mapping, webhooks
+from connectors.email.provider import EmailWebhookConnector, EmailWebhookSettings
+from gateway.api.v1.connector_pb2 import ConnectorManifest
+from gateway.api.v1.delivery_pb2 import DeliveryState
+from gateway.contract import (
+    AuthError,
+    ConnectorContext,
+    Inbound,
+    Secret,
+    WebhookReply,
+    WebhookRequest,
+    WebhookRoute,
+)
+
+S = DeliveryState
+
+
+class MailgunAccount(BaseModel):
+    """One Mailgun account (or subaccount)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    #: The HTTP webhook signing key (Settings > Webhooks).
+    webhook_signing_key: Secret
+
+
+class MailgunSettings(EmailWebhookSettings):
+    """``connectors.email.mailgun`` config section."""
+
+    accounts: dict[str, MailgunAccount] = Field(min_length=1)
+
+
+MANIFEST = ConnectorManifest(
+    channel="email",
+    provider="mailgun",
+    api_version="v3",
+    docs_url="https://documentation.mailgun.com/docs/mailgun/user-manual/webhooks/",
+    outbound_content=[],
+    inbound_content=["email"],
+    delivery_states=sorted(
+        {S.DELIVERY_STATE_QUEUED, S.DELIVERY_STATE_DELIVERED, S.DELIVERY_STATE_FAILED}
+    ),
+    event_types=["message.received", "message.status", "message.interaction"],
+    idempotent_send=False,
+)
+
+
+class MailgunEmailConnector(EmailWebhookConnector):
+    """Mailgun route forwards and event webhooks."""
+
+    manifest = MANIFEST
+    provider = mapping.PROVIDER
+
+    def __init__(self, context: ConnectorContext, settings: MailgunSettings) -> None:
+        super().__init__(context, settings)
+        self._settings = settings
+        self._tokens = webhooks.TokenCache(ttl=settings.signature_max_age + 60)
+
+    @classmethod
+    def create(cls, context: ConnectorContext, settings: MailgunSettings) -> Self:
+        """Factory named by the entry point's spec."""
+        return cls(context, settings)
+
+    def webhook_routes(self) -> Sequence[WebhookRoute]:
+        return (
+            WebhookRoute(name="inbound", path="/{account}/inbound", handler=self.on_inbound),
+            WebhookRoute(
+                name="inbound_mime", path="/{account}/inbound/mime", handler=self.on_inbound
+            ),
+            WebhookRoute(name="events", path="/{account}/events", handler=self.on_events),
+        )
+
+    def _verify(self, request: WebhookRequest, timestamp: str, token: str, signature: str) -> str:
+        name = request.path_params.get("account", "")
+        account = self._settings.accounts.get(name)
+        if account is None:
+            raise AuthError("unknown account", status=403)
+        webhooks.verify(
+            account.webhook_signing_key.get_secret_value(),
+            timestamp=timestamp,
+            token=token,
+            signature=signature,
+            body=request.body,
+            now=self._ctx.now().timestamp(),
+            max_age=self._settings.signature_max_age,
+            tokens=self._tokens,
+        )
+        return name
+
+    async def on_inbound(self, request: WebhookRequest) -> Inbound:
+        if request.path_params.get("account", "") not in self._settings.accounts:
+            raise AuthError("unknown account", status=403)  # before parsing anything
+        fields = await self.form_fields(request)
+        account = self._verify(request, *mapping.signature_fields(fields))
+        raw, mail_from, rcpt_to = mapping.inbound_mail(fields)
+        return await self.inbound_mail(raw, account=account, mail_from=mail_from, rcpt_to=rcpt_to)
+
+    async def on_events(self, request: WebhookRequest) -> Inbound:
+        data, signature = mapping.event_signature(request.json())
+        account = self._verify(
+            request,
+            signature.get("timestamp", ""),
+            signature.get("token", ""),
+            signature.get("signature", ""),
+        )
+        event = mapping.event(
+            data,
+            account=account,
+            received_at=self._ctx.now(),
+            raw=request.body,
+            message_id_domain=self._settings.message_id_domain,
+        )
+        return Inbound(events=[event], reply=WebhookReply(status=200))

@@ -1,0 +1,167 @@
+"""SendGrid email connector: Inbound Parse and the Event Webhook.
+
+Provider API: Event Webhook v3 and Inbound Parse Webhook.
+Docs: https://www.twilio.com/docs/sendgrid/for-developers/tracking-events/event and
+https://www.twilio.com/docs/sendgrid/for-developers/parsing-email/setting-up-the-inbound-parse-webhook
+
+Routes (under ``/webhooks/email/sendgrid``), one set per configured account:
+
+- ``/{account}/inbound``: Inbound Parse (multipart/form-data), authenticated by
+  the parse security policy's ECDSA signature (``parse_verification_key``) or,
+  for parse hosts without a policy, by HTTP basic credentials in the URL;
+- ``/{account}/events``: Event Webhook (JSON array, ECDSA-signed with
+  ``event_verification_key``); every item becomes one event (statuses for
+  processed / deferred / delivered / bounce / dropped, interactions for
+  opens, clicks, spam reports and unsubscribes).
+
+A route whose account has no credential for it refuses every request (403):
+authentication fails closed. Outbound email goes through ``email.smtp``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Self
+
+from cryptography.hazmat.primitives.asymmetric import ec
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from connectors.email.provider import EmailWebhookConnector, EmailWebhookSettings
+from connectors.email.sendgrid import mapping, webhooks
+from connectors.email.webhooks import verify_basic_auth
+from gateway.api.v1.connector_pb2 import ConnectorManifest
+from gateway.api.v1.delivery_pb2 import DeliveryState
+from gateway.contract import (
+    AuthError,
+    ConnectorContext,
+    Inbound,
+    Secret,
+    WebhookReply,
+    WebhookRequest,
+    WebhookRoute,
+)
+
+S = DeliveryState
+
+
+class BasicCredentials(BaseModel):
+    """HTTP basic credentials put in a webhook URL."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    username: str = Field(min_length=1)
+    password: Secret
+
+
+class SendGridAccount(BaseModel):
+    """One SendGrid account (or subuser)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    #: Event Webhook verification key (base64 SPKI of the ECDSA P-256 public key).
+    event_verification_key: str | None = None
+    #: Public key of the Inbound Parse security policy.
+    parse_verification_key: str | None = None
+    #: Basic credentials of the Inbound Parse URL (without a signing policy).
+    parse_basic_auth: BasicCredentials | None = None
+
+    @model_validator(mode="after")
+    def _check(self) -> Self:
+        if not (
+            self.event_verification_key or self.parse_verification_key or self.parse_basic_auth
+        ):
+            raise ValueError("configure a verification key or basic credentials")
+        for key in (self.event_verification_key, self.parse_verification_key):
+            if key:
+                webhooks.load_verification_key(key)  # refuse to start on a bad key
+        return self
+
+
+class SendGridSettings(EmailWebhookSettings):
+    """``connectors.email.sendgrid`` config section."""
+
+    accounts: dict[str, SendGridAccount] = Field(min_length=1)
+
+
+MANIFEST = ConnectorManifest(
+    channel="email",
+    provider="sendgrid",
+    api_version="v3",
+    docs_url="https://www.twilio.com/docs/sendgrid/for-developers/tracking-events/event",
+    outbound_content=[],
+    inbound_content=["email"],
+    delivery_states=sorted({state for state, _ in mapping.STATUS_MAP.values()}),
+    event_types=["message.received", "message.status", "message.interaction"],
+    idempotent_send=False,
+)
+
+
+class SendGridEmailConnector(EmailWebhookConnector):
+    """SendGrid Inbound Parse and Event Webhook."""
+
+    manifest = MANIFEST
+    provider = mapping.PROVIDER
+
+    def __init__(self, context: ConnectorContext, settings: SendGridSettings) -> None:
+        super().__init__(context, settings)
+        self._settings = settings
+        self._keys: dict[tuple[str, str], ec.EllipticCurvePublicKey] = {}
+        for name, account in settings.accounts.items():
+            if account.event_verification_key:
+                self._keys[(name, "events")] = webhooks.load_verification_key(
+                    account.event_verification_key
+                )
+            if account.parse_verification_key:
+                self._keys[(name, "inbound")] = webhooks.load_verification_key(
+                    account.parse_verification_key
+                )
+
+    @classmethod
+    def create(cls, context: ConnectorContext, settings: SendGridSettings) -> Self:
+        """Factory named by the entry point's spec."""
+        return cls(context, settings)
+
+    def webhook_routes(self) -> Sequence[WebhookRoute]:
+        return (
+            WebhookRoute(name="inbound", path="/{account}/inbound", handler=self.on_inbound),
+            WebhookRoute(name="events", path="/{account}/events", handler=self.on_events),
+        )
+
+    def _authenticate(self, request: WebhookRequest, route: str) -> str:
+        name = request.path_params.get("account", "")
+        account = self._settings.accounts.get(name)
+        if account is None:
+            raise AuthError("unknown account", status=403)
+        key = self._keys.get((name, route))
+        if key is not None:
+            webhooks.verify(
+                request,
+                key,
+                now=self._ctx.now().timestamp(),
+                max_age=self._settings.signature_max_age,
+            )
+        elif route == "inbound" and account.parse_basic_auth is not None:
+            credentials = account.parse_basic_auth
+            verify_basic_auth(
+                request, credentials.username, credentials.password.get_secret_value()
+            )
+        else:
+            raise AuthError(f"no credential configured for the {route} route", status=403)
+        return name
+
+    async def on_inbound(self, request: WebhookRequest) -> Inbound:
+        account = self._authenticate(request, "inbound")
+        fields = await self.form_fields(request)
+        raw, mail_from, rcpt_to = mapping.inbound_mail(fields)
+        return await self.inbound_mail(raw, account=account, mail_from=mail_from, rcpt_to=rcpt_to)
+
+    async def on_events(self, request: WebhookRequest) -> Inbound:
+        account = self._authenticate(request, "events")
+        events = mapping.events_from_webhook(
+            request.json(),
+            account=account,
+            received_at=self._ctx.now(),
+            raw=request.body,
+            message_id_domain=self._settings.message_id_domain,
+        )
+        return Inbound(events=events, reply=WebhookReply(status=200))
