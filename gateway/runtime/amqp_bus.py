@@ -147,6 +147,12 @@ class AmqpSubscription:
                     await self._queue.cancel(self._tag)
         if self._inflight:
             await asyncio.gather(*list(self._inflight), return_exceptions=True)
+        # The channel was opened for this subscription alone; leaving it open
+        # leaks one broker channel per cancelled subscription.
+        if not self._channel.is_closed:
+            with contextlib.suppress(*_CONNECTION_ERRORS, TimeoutError):
+                async with asyncio.timeout(_CANCEL_TIMEOUT):
+                    await self._channel.close()
 
 
 @dataclass(slots=True)
@@ -399,9 +405,14 @@ class AmqpBus:
             raise BrokerUnavailableError("not connected")
         # Declared on the consuming connection: an exclusive queue belongs to it.
         channel = await self._sub_conn.channel()
-        queue = await channel.declare_queue(exclusive=True, auto_delete=True)
-        for pattern in patterns:
-            await queue.bind(exchange, routing_key=pattern)
+        try:
+            queue = await channel.declare_queue(exclusive=True, auto_delete=True)
+            for pattern in patterns:
+                await queue.bind(exchange, routing_key=pattern)
+        finally:
+            # The queue belongs to the connection, not this channel: close it
+            # rather than leak one channel per temporary queue.
+            await channel.close()
         return queue.name
 
     async def consume(
