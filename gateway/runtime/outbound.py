@@ -191,18 +191,21 @@ class CommandWorker:
     async def _lease(self, key: str) -> AsyncIterator[None]:
         """Tell concurrent copies of this command that a live worker is sending it."""
         lease_key = f"lease:{key}"
+        # Taken before the first await of the send, so a copy that finds the
+        # claim pending finds the lease too.
+        await self._ledger.complete(lease_key, "alive", ttl=SEND_LEASE_SECONDS)
 
         async def renew() -> None:
             while True:
-                await self._ledger.complete(lease_key, "alive", ttl=SEND_LEASE_SECONDS)
                 await asyncio.sleep(SEND_LEASE_SECONDS / 3)
+                await self._ledger.complete(lease_key, "alive", ttl=SEND_LEASE_SECONDS)
 
         renewer = asyncio.create_task(renew(), name=f"lease {key}")
         try:
             yield
         finally:
-            # The lease is left to expire: the claim is complete by the time a
-            # waiter could look at the lease again.
+            # The lease is left to expire: the claim is complete by now, and a
+            # waiter reads the claim before the lease.
             renewer.cancel()
 
     async def _await_other_sender(self, key: str) -> Claim:
@@ -212,14 +215,17 @@ class CommandWorker:
         sender holds the lease (it crashed mid-call).
         """
         lease_key = f"lease:{key}"
+        misses = 0
         while True:
             claim = await self._ledger.claim(key, ttl=self._settings.record_ttl)
             if claim.state is not ClaimState.PENDING:
                 return claim
-            lease = await self._ledger.claim(lease_key, ttl=SEND_LEASE_SECONDS)
-            if lease.state is ClaimState.NEW:
-                # Nobody renews the lease: the sender is gone. Re-read the claim
-                # in case it finished between the two reads.
+            # A probe that leaves (almost) nothing behind: NEW means no lease.
+            probe = await self._ledger.claim(lease_key, ttl=0.001)
+            # Two misses a poll apart: the sender writes its lease one round
+            # trip after its claim, and a single miss may fall in between.
+            misses = misses + 1 if probe.state is ClaimState.NEW else 0
+            if misses >= 2:
                 return await self._ledger.claim(key, ttl=self._settings.record_ttl)
             await asyncio.sleep(_POLL_SECONDS)
 
@@ -252,6 +258,11 @@ class CommandWorker:
                 command, key, account=command.account, status=_failed(exc, permanent=False)
             )
             return
+        async with self._lease(key):
+            await self._send_claimed(command, key)
+
+    async def _send_claimed(self, command: SendMessageCommand, key: str) -> None:
+        """Send a command this worker holds the claim of, and record the outcome."""
         if command.HasField("expires_at") and command.expires_at.ToDatetime(
             tzinfo=UTC
         ) < datetime.now(UTC):
@@ -264,8 +275,7 @@ class CommandWorker:
             await self._finish(command, key, account=command.account, status=status)
             return
         try:
-            async with self._lease(key):
-                result = await self._send_with_retries(command)
+            result = await self._send_with_retries(command)
         except PermanentError as exc:
             status = _failed(exc, permanent=True)
         except AmbiguousSendError as exc:

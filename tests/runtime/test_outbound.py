@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import Sequence
 from dataclasses import replace
@@ -291,3 +292,27 @@ async def test_rejected_commands_are_counted_as_dead_letters() -> None:
     with pytest.raises(BadRequestError):
         await harness.worker.handle(garbage)
     assert metric._value.get() == before + 1
+
+
+class SlowConnector(ScriptedConnector):
+    """Sends take a while, so a second copy of the command arrives mid-send."""
+
+    async def send(self, command: SendMessageCommand) -> SendResult:
+        self.calls.append(time.monotonic())
+        await asyncio.sleep(0.3)
+        return _ok("P-slow")
+
+
+async def test_concurrent_copy_waits_for_the_live_sender_instead_of_failing() -> None:
+    # The same command twice at once (a publisher retry after a lost confirm, or a
+    # redelivery while the first worker is still sending): one provider call, and
+    # both copies report the one real outcome, never FAILED ambiguous_send.
+    harness = await Harness(SlowConnector([]), FAST).start()
+    await asyncio.gather(
+        harness.worker.handle(_delivery(_command())),
+        harness.worker.handle(_delivery(_command(), redelivered=True)),
+    )
+    events = await harness.statuses()
+    assert len(harness.connector.calls) == 1
+    assert {e.status.state for e in events} == {S.DELIVERY_STATE_QUEUED}
+    assert {e.id for e in events} == {events[0].id}  # one outcome, deduped downstream
