@@ -17,6 +17,7 @@ from typing import Any
 
 import aio_pika
 import pytest
+import redis.asyncio as aioredis
 
 from connectors.social.meta.signature import LEGACY_SIGNATURE_HEADER, SIGNATURE_HEADER
 from gateway.api.v1.command_pb2 import SendMessageCommand
@@ -25,6 +26,7 @@ from gateway.api.v1.delivery_pb2 import DeliveryState
 from gateway.api.v1.envelope_pb2 import Event
 from gateway.api.v1.message_pb2 import Direction, Message
 from gateway.api.v1.participant_pb2 import Participant
+from gateway.runtime.idempotency import RedisIdempotencyStore
 from gateway.runtime.topology import EVENTS_EXCHANGE
 from gateway.testing.conformance import (
     BatchCase,
@@ -265,3 +267,22 @@ async def test_rabbitmq_whole_batch_is_on_the_broker_before_200_and_a_retry_adds
     finally:
         await queue.delete(if_unused=False, if_empty=False)
         await channel.close()
+
+
+@pytest.mark.redis
+async def test_redis_dedup_outlives_metas_seven_day_retry_window(
+    redis_url: str, unique: str
+) -> None:
+    prefix = f"cg:social:{unique}:"
+    suite = TestWhatsAppConformance()
+    async with suite.running(store=RedisIdempotencyStore(redis_url, prefix=prefix)) as h:
+        call = suite.inbound_webhook(h.base_url, wa.wamid())
+        assert (await h.post(call))[0] == 200
+        (event,) = await h.wait_for(lambda e: True, 1)
+    client = aioredis.from_url(redis_url)
+    try:
+        ttl = await client.pttl(prefix + event.id)
+        assert ttl > 7 * 24 * 3600 * 1000, ttl
+    finally:
+        await client.delete(prefix + event.id)
+        await client.aclose()
