@@ -70,3 +70,33 @@ async def test_an_unroutable_publish_passes_the_turn_on(
     assert second is None
     assert bus._inflight_ids == {}
     assert await _count(vhost_connection) == 1
+
+
+async def test_one_batch_mixes_returned_large_and_plain_publishes(
+    bus: AmqpBus, vhost_connection: aio_pika.abc.AbstractConnection
+) -> None:
+    """Publishes of one loop turn go out as one write; each still gets its own outcome."""
+    large = OutgoingMessage(body=b"L" * 300_000, message_id="large", type="test.Type", headers={})
+    results = await asyncio.gather(
+        *(
+            bus.publish(EVENTS_EXCHANGE, "message.received.a.b", _msg(f"m{i}"), timeout=5)
+            for i in range(10)
+        ),
+        bus.publish(EVENTS_EXCHANGE, "nobody.listens", _msg("lost"), timeout=5),
+        bus.publish(EVENTS_EXCHANGE, "message.received.a.b", large, timeout=5),
+        return_exceptions=True,
+    )
+    assert results[:10] == [None] * 10
+    assert isinstance(results[10], UnroutableError)
+    assert results[11] is None
+    assert await _count(vhost_connection) == 11
+    channel = await vhost_connection.channel()
+    queue = await channel.declare_queue("crm.inbound", passive=True)
+    bodies = {}
+    async with queue.iterator(no_ack=True) as messages:
+        async for message in messages:
+            bodies[message.message_id] = message.body
+            if len(bodies) == 11:
+                break
+    assert bodies["large"] == large.body  # split over several body frames, intact
+    assert set(bodies) == {f"m{i}" for i in range(10)} | {"large"}
