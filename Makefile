@@ -19,6 +19,8 @@ $(BUF):
 	npm install --silent --no-audit --no-fund --prefix .tools @bufbuild/buf@$(BUF_VERSION)
 
 setup: $(VENV)/.installed $(BUF)
+	@# Dovecot for the IMAP tests (started privately by the tests, never as a service).
+	@test -x /usr/sbin/dovecot || dpkg -s dovecot-imapd >/dev/null 2>&1 || { s=$$([ "$$(id -u)" = 0 ] || echo sudo); $$s apt-get update -q && $$s apt-get install -y -q --no-install-recommends dovecot-imapd; }
 
 services:
 	bash scripts/ensure_services.sh
