@@ -244,7 +244,14 @@ class Broker:
 
     @staticmethod
     def _ctl(*args: str) -> None:
-        subprocess.run(["rabbitmqctl", "-q", *args], check=True, capture_output=True, timeout=30)
+        out = subprocess.run(
+            ["rabbitmqctl", "-q", *args], capture_output=True, text=True, timeout=30, check=False
+        )
+        if out.returncode != 0:
+            raise SystemExit(
+                f"benchmark: rabbitmqctl {' '.join(args)} failed ({out.stderr.strip()}); "
+                "it needs to run where rabbitmqctl can reach the broker (e.g. as root)"
+            )
 
     async def open(self) -> None:
         """Create the vhost (when one is used) and connect."""
