@@ -17,6 +17,7 @@ from aiohttp import web
 from opentelemetry import trace
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from gateway.contract.callbacks import callback_trace
 from gateway.contract.connector import ConnectorSpec, WebhookRequest, WebhookRoute
 from gateway.contract.errors import AuthError, BadRequestError, TransientError
 from gateway.runtime.publisher import EventPublisher
@@ -105,6 +106,15 @@ def _handler(
                     reason=str(exc),
                 )
                 return web.Response(status=exc.status, text=f"bad request: {exc}\n")
+            # A status callback whose URL names the send span (see
+            # gateway.contract.callbacks): link to it once the request is
+            # verified, and let its events carry the send's trace context.
+            linked = callback_trace(request.query)
+            if linked is not None:
+                span.add_link(linked.context, {"gateway.link": "send"})
+                for event in inbound.events:
+                    if not event.traceparent:
+                        event.traceparent = linked.traceparent
             try:
                 outcome = await mounted.publisher.publish_inbound(
                     inbound.events, dedup_ttl=mounted.dedup_ttl

@@ -69,7 +69,7 @@ async def test_accepted_send(running: Running) -> None:
     (call,) = running.fake.calls
     assert call.form["To"] == "+14155550123"
     assert call.form["From"] == h.OUR_NUMBER
-    assert call.form["StatusCallback"].endswith(f"?mid={event.status.message_id}")
+    assert f"?mid={event.status.message_id}&traceparent=00-" in call.form["StatusCallback"]
 
 
 async def test_rate_limited_then_accepted(running: Running) -> None:

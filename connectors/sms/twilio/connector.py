@@ -38,6 +38,7 @@ from gateway.contract import (
     WebhookRequest,
     WebhookRoute,
 )
+from gateway.contract.callbacks import traced_callback_url
 
 EMPTY_TWIML = b'<?xml version="1.0" encoding="UTF-8"?><Response></Response>'
 MAX_MEDIA = 10
@@ -199,7 +200,8 @@ class TwilioSmsConnector:
             form.append(("Body", body))
         form.extend(("MediaUrl", url) for url in media)
         callback = self._ctx.webhook_url("status", account=key)
-        form.append(("StatusCallback", f"{callback}?mid={command.message_id}"))
+        # The send span's traceparent rides the URL, so callbacks link to it.
+        form.append(("StatusCallback", traced_callback_url(f"{callback}?mid={command.message_id}")))
         resource = await self._clients[key].create_message(form)
         provider_status = str(resource.get("status", "queued"))
         segments = resource.get("num_segments")

@@ -58,6 +58,7 @@ from gateway.contract import (
     WebhookRequest,
     WebhookRoute,
 )
+from gateway.contract.callbacks import traced_callback_url
 
 #: The Messages API's limit for SMS text.
 MAX_TEXT_LENGTH = 1000
@@ -318,7 +319,10 @@ class VonageSmsConnector:
             "text": body,
             # Say which encoding we counted segments for, rather than let Vonage guess.
             "sms": {"encoding_type": "unicode" if info.encoding == "UCS-2" else "text"},
-            "webhook_url": self._ctx.webhook_url("messages_status", account=key),
+            # The send span's traceparent rides the URL, so status webhooks link to it.
+            "webhook_url": traced_callback_url(
+                self._ctx.webhook_url("messages_status", account=key)
+            ),
             "webhook_version": "v1",
         }
         if 0 < len(command.message_id) <= MAX_CLIENT_REF:

@@ -97,7 +97,10 @@ async def test_send_then_signed_status_webhooks(harness: Harness) -> None:
     assert call.body["text"] == "Your parcel 📦 ships today"
     assert call.body["client_ref"] == cmd.message_id
     assert call.body["sms"] == {"encoding_type": "unicode"}
-    assert call.body["webhook_url"] == harness.url("main", "messages/status")
+    # The status URL, with the send span's traceparent for the status webhooks to link to.
+    status_url, _, trace_query = call.body["webhook_url"].partition("?")
+    assert status_url == harness.url("main", "messages/status")
+    assert trace_query.startswith("traceparent=00-")
     assert call.authorization.startswith("Basic ")
     assert [c.http_status for c in harness.fake.callbacks_sent] == [200, 200]
     await harness.assert_nothing_published()
