@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from functools import lru_cache
+
 import phonenumbers
 
 from gateway.contract.errors import BadRequestError
@@ -15,7 +17,14 @@ def normalize_phone(raw: str, *, default_region: str | None = None) -> str:
     Numbers without ``+`` are read in ``default_region`` when given, otherwise
     as international digits (providers such as Vonage send ``447700900000``).
     """
-    text = raw.strip()
+    return _normalize_phone(raw.strip(), default_region)
+
+
+# Parsing is a large share of a webhook's CPU, and the same numbers come back
+# (our own numbers on every inbound message, customers in conversation). Only
+# successes are cached: a rejected number raises and is parsed again next time.
+@lru_cache(maxsize=65536)
+def _normalize_phone(text: str, default_region: str | None) -> str:
     if not text:
         raise BadRequestError("empty phone number", code="invalid_phone")
     if not text.startswith("+") and default_region is None:
