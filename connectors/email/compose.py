@@ -48,7 +48,7 @@ _RESERVED = {
 }
 
 
-def _data_url(attachment: Attachment) -> tuple[bytes, str]:
+def data_url_content(attachment: Attachment) -> tuple[bytes, str]:
     """Content and media type of a ``data:`` URL attachment."""
     url = attachment.url
     if not url.startswith("data:"):
@@ -132,7 +132,7 @@ def compose(
         )
         assert isinstance(html_part, EmailMessage)
         for attachment in inline:
-            data, ctype = _data_url(attachment)
+            data, ctype = data_url_content(attachment)
             maintype, _, subtype = ctype.partition("/")
             html_part.add_related(
                 data,
@@ -145,7 +145,7 @@ def compose(
     for attachment in message.attachments:
         if html and attachment in inline:
             continue
-        data, ctype = _data_url(attachment)
+        data, ctype = data_url_content(attachment)
         maintype, _, subtype = ctype.partition("/")
         msg.add_attachment(
             data,

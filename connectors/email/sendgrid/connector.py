@@ -1,6 +1,6 @@
 """SendGrid email connector: Inbound Parse and the Event Webhook.
 
-Provider API: Event Webhook v3 and Inbound Parse Webhook.
+Provider API: v3 (Mail Send, Event Webhook, Inbound Parse Webhook).
 Docs: https://www.twilio.com/docs/sendgrid/for-developers/tracking-events/event and
 https://www.twilio.com/docs/sendgrid/for-developers/parsing-email/setting-up-the-inbound-parse-webhook
 
@@ -15,7 +15,11 @@ Routes (under ``/webhooks/email/sendgrid``), one set per configured account:
   opens, clicks, spam reports and unsubscribes).
 
 A route whose account has no credential for it refuses every request (403):
-authentication fails closed. Outbound email goes through ``email.smtp``.
+authentication fails closed.
+
+Outbound: the v3 Mail Send API (``api_key`` per account), with the gateway's
+message id as the custom arg ``gateway_message_id`` so Event Webhook items map
+back to it.
 """
 
 from __future__ import annotations
@@ -28,14 +32,18 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from connectors.email.provider import EmailWebhookConnector, EmailWebhookSettings
 from connectors.email.sendgrid import mapping, webhooks
+from connectors.email.sendgrid.client import DEFAULT_API_BASE, SendGridClient
 from connectors.email.webhooks import verify_basic_auth
+from gateway.api.v1.command_pb2 import SendMessageCommand
 from gateway.api.v1.connector_pb2 import ConnectorManifest
 from gateway.api.v1.delivery_pb2 import DeliveryState
 from gateway.contract import (
     AuthError,
     ConnectorContext,
     Inbound,
+    PermanentError,
     Secret,
+    SendResult,
     WebhookReply,
     WebhookRequest,
     WebhookRoute,
@@ -64,13 +72,22 @@ class SendGridAccount(BaseModel):
     parse_verification_key: str | None = None
     #: Basic credentials of the Inbound Parse URL (without a signing policy).
     parse_basic_auth: BasicCredentials | None = None
+    #: Mail Send API key (sends are refused for an account without one).
+    api_key: Secret | None = None
+    from_address: str = ""
+    from_name: str = ""
 
     @model_validator(mode="after")
     def _check(self) -> Self:
         if not (
-            self.event_verification_key or self.parse_verification_key or self.parse_basic_auth
+            self.event_verification_key
+            or self.parse_verification_key
+            or self.parse_basic_auth
+            or self.api_key
         ):
-            raise ValueError("configure a verification key or basic credentials")
+            raise ValueError("configure a verification key, basic credentials or an api_key")
+        if self.api_key is not None and "@" not in self.from_address:
+            raise ValueError("an account with an api_key needs from_address")
         for key in (self.event_verification_key, self.parse_verification_key):
             if key:
                 webhooks.load_verification_key(key)  # refuse to start on a bad key
@@ -81,6 +98,14 @@ class SendGridSettings(EmailWebhookSettings):
     """``connectors.email.sendgrid`` config section."""
 
     accounts: dict[str, SendGridAccount] = Field(min_length=1)
+    api_base_url: str = DEFAULT_API_BASE
+    default_account: str | None = None
+
+    @model_validator(mode="after")
+    def _default_known(self) -> Self:
+        if self.default_account is not None and self.default_account not in self.accounts:
+            raise ValueError(f"default_account {self.default_account!r} is not in accounts")
+        return self
 
 
 MANIFEST = ConnectorManifest(
@@ -88,9 +113,16 @@ MANIFEST = ConnectorManifest(
     provider="sendgrid",
     api_version="v3",
     docs_url="https://www.twilio.com/docs/sendgrid/for-developers/tracking-events/event",
-    outbound_content=[],
+    outbound_content=["email", "text"],
     inbound_content=["email"],
-    delivery_states=sorted({state for state, _ in mapping.STATUS_MAP.values()}),
+    # Webhook states, plus what the runtime reports for our sends (FAILED, EXPIRED).
+    delivery_states=sorted(
+        {
+            *(state for state, _ in mapping.STATUS_MAP.values()),
+            S.DELIVERY_STATE_FAILED,
+            S.DELIVERY_STATE_EXPIRED,
+        }
+    ),
     event_types=["message.received", "message.status", "message.interaction"],
     idempotent_send=False,
 )
@@ -105,6 +137,7 @@ class SendGridEmailConnector(EmailWebhookConnector):
     def __init__(self, context: ConnectorContext, settings: SendGridSettings) -> None:
         super().__init__(context, settings)
         self._settings = settings
+        self._clients: dict[str, SendGridClient] = {}
         self._keys: dict[tuple[str, str], ec.EllipticCurvePublicKey] = {}
         for name, account in settings.accounts.items():
             if account.event_verification_key:
@@ -148,6 +181,45 @@ class SendGridEmailConnector(EmailWebhookConnector):
         else:
             raise AuthError(f"no credential configured for the {route} route", status=403)
         return name
+
+    async def start(self) -> None:
+        await super().start()
+        for name, account in self._settings.accounts.items():
+            if account.api_key is not None:
+                self._clients[name] = SendGridClient(
+                    self._ctx.http,
+                    api_base=self._settings.api_base_url,
+                    api_key=account.api_key.get_secret_value(),
+                )
+
+    async def stop(self) -> None:
+        self._clients.clear()
+        await super().stop()
+
+    async def send(self, command: SendMessageCommand) -> SendResult:
+        """Send through the v3 Mail Send API (202 = queued at SendGrid)."""
+        name = (
+            command.account or self._settings.default_account or next(iter(self._settings.accounts))
+        )
+        account = self._settings.accounts.get(name)
+        if account is None:
+            raise PermanentError(f"unknown sendgrid account {name!r}", code="unknown_account")
+        client = self._clients.get(name)
+        if client is None:
+            raise PermanentError(f"sendgrid account {name!r} has no api_key", code="no_api_key")
+        payload = mapping.mail_send_payload(
+            command,
+            from_address=account.from_address,
+            from_name=account.from_name,
+            message_id_domain=self._settings.message_id_domain or "sendgrid.invalid",
+        )
+        provider_id = await client.send(payload)
+        return SendResult(
+            provider_message_id=provider_id,
+            account=name,
+            state=S.DELIVERY_STATE_QUEUED,
+            provider_status="202",
+        )
 
     async def on_inbound(self, request: WebhookRequest) -> Inbound:
         account = self._authenticate(request, "inbound")

@@ -9,16 +9,25 @@ https://www.twilio.com/docs/sendgrid/for-developers/parsing-email/setting-up-the
 
 from __future__ import annotations
 
+import base64
 import json
 from collections.abc import Sequence
 from datetime import UTC, datetime
 from typing import Any
 
-from connectors.email.mapping import gateway_message_id, interaction_event, status_event
+from connectors.email.compose import data_url_content
+from connectors.email.mapping import (
+    gateway_message_id,
+    interaction_event,
+    outbound_message_id,
+    status_event,
+)
 from connectors.email.webhooks import Attached, FormPart, raw_header_pairs, rebuild_mime
+from gateway.api.v1.command_pb2 import SendMessageCommand
+from gateway.api.v1.content_pb2 import Email
 from gateway.api.v1.delivery_pb2 import DeliveryState, DeliveryStatus
 from gateway.api.v1.envelope_pb2 import Event, RawPayload
-from gateway.contract import BadRequestError
+from gateway.contract import BadRequestError, PermanentError
 
 PROVIDER = "sendgrid"
 S = DeliveryState
@@ -189,3 +198,83 @@ def inbound_mail(fields: Sequence[FormPart]) -> tuple[bytes, str, list[str]]:
         attachments=attachments,
     )
     return raw, mail_from, rcpt_to
+
+
+def mail_send_payload(
+    command: SendMessageCommand,
+    *,
+    from_address: str,
+    from_name: str,
+    message_id_domain: str,
+) -> dict[str, Any]:
+    """A v3 Mail Send body for ``command``; bad content is a PermanentError.
+
+    The gateway's message id rides as the custom arg ``gateway_message_id``
+    (SendGrid echoes custom args in every Event Webhook item) and in our own
+    ``Message-ID`` header, so events and replies map back.
+    """
+    message = command.message
+    if not message.recipients:
+        raise PermanentError("an email needs at least one recipient", code="invalid_recipient")
+    if message.HasField("email"):
+        content = message.email
+        subject, text, html = content.subject, content.text, content.html
+    elif message.HasField("text"):
+        content = Email()
+        subject, text, html = "", message.text.body, ""
+    else:
+        raise PermanentError("email sends text or email content only", code="unsupported_content")
+    parts = []
+    if text:
+        parts.append({"type": "text/plain", "value": text})
+    if html:
+        parts.append({"type": "text/html", "value": html})
+    if not parts:
+        raise PermanentError("nothing to send: no text or html", code="empty_message")
+    headers = {"Message-ID": outbound_message_id(command.message_id, message_id_domain)}
+    references = list(content.references)
+    if content.in_reply_to:
+        headers["In-Reply-To"] = content.in_reply_to
+        if content.in_reply_to not in references:
+            references.append(content.in_reply_to)
+    if references:
+        headers["References"] = " ".join(references)
+    for header in content.headers:
+        if "\r" in header.value or "\n" in header.value:
+            raise PermanentError(f"header {header.name!r} has a line break", code="invalid_header")
+        headers[header.name] = header.value
+    sender = message.sender.address or from_address
+    if "@" not in sender:
+        raise PermanentError("no sender address", code="no_sender")
+    payload: dict[str, Any] = {
+        "personalizations": [
+            {
+                "to": [
+                    {"email": r.address, **({"name": r.display_name} if r.display_name else {})}
+                    for r in message.recipients
+                ],
+                "custom_args": {"gateway_message_id": command.message_id},
+            }
+        ],
+        "from": {"email": sender, **({"name": from_name} if from_name else {})},
+        "subject": subject or " ",
+        "content": parts,
+        "headers": headers,
+    }
+    attachments = []
+    for attachment in message.attachments:
+        data, ctype = data_url_content(attachment)
+        item = {
+            "content": base64.b64encode(data).decode(),
+            "type": ctype,
+            "filename": attachment.filename or "attachment",
+            "disposition": "inline"
+            if attachment.inline and attachment.content_id
+            else "attachment",
+        }
+        if attachment.content_id:
+            item["content_id"] = attachment.content_id
+        attachments.append(item)
+    if attachments:
+        payload["attachments"] = attachments
+    return payload
