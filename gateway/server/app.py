@@ -45,12 +45,16 @@ from gateway.server.connectors import (
     QueueProbe,
 )
 from gateway.server.events import EventHub
+from gateway.server.retention import RetentionTask
 from gateway.server.service import SERVICE_NAME, GatewayServicer
 from gateway.server.settings import GatewaySettings, gateway_settings
 
 log = get_logger("gateway.server")
 #: How often the health status follows the broker connection.
 HEALTH_INTERVAL = 1.0
+#: gRPC health service name for liveness probes: SERVING while the process runs,
+#: unlike "" and the API service, which follow the broker (readiness).
+LIVENESS_SERVICE = "liveness"
 
 
 def enabled_connector_names(settings: RuntimeSettings) -> list[str]:
@@ -104,6 +108,7 @@ class GatewayServer:
         self._server: aio.Server | None = None
         self._ingestor: StatusIngestor | None = None
         self._engine: FallbackEngine | None = None
+        self._retention: RetentionTask | None = None
         self._health_task: asyncio.Task[None] | None = None
         self._metrics: WSGIServer | None = None
         self.port: int | None = None
@@ -149,6 +154,8 @@ class GatewayServer:
             )
             await self._ingestor.start()
             await self._engine.start()
+            self._retention = RetentionTask(self.ledger, self.gateway.retention)
+            self._retention.start()
         servicer = GatewayServicer(
             ledger=self.ledger,
             bus=self.bus,
@@ -206,6 +213,9 @@ class GatewayServer:
         )
         for name in ("", SERVICE_NAME):
             await self.health.set(name, status)
+        # Liveness answers from the event loop whatever the broker does (a broker
+        # outage must not get every replica restarted); NOT_SERVING on shutdown.
+        await self.health.set(LIVENESS_SERVICE, health_pb2.HealthCheckResponse.SERVING)
 
     async def _follow_health(self, serving: bool) -> None:
         # Sends need the broker: without it the gateway is not serving.
@@ -231,6 +241,9 @@ class GatewayServer:
             await self.health.enter_graceful_shutdown()
             await self._server.stop(self.gateway.shutdown_grace)
             self._server = None
+        if self._retention is not None:
+            await self._retention.stop()
+            self._retention = None
         if self._engine is not None:
             await self._engine.stop()
             self._engine = None
@@ -264,13 +277,14 @@ class GatewayServer:
             await self.stop()
 
 
-async def health_check(address: str, *, timeout: float = 2.0) -> bool:
-    """True when the gateway at ``address`` answers SERVING to a health check."""
+async def health_check(address: str, *, timeout: float = 2.0, service: str = SERVICE_NAME) -> bool:
+    """True when the gateway at ``address`` answers SERVING to a health check of
+    ``service`` (the API, which needs the broker; or :data:`LIVENESS_SERVICE`)."""
     async with aio.insecure_channel(address) as channel:
         stub = health_pb2_grpc.HealthStub(channel)
         try:
             reply = await stub.Check(
-                health_pb2.HealthCheckRequest(service=SERVICE_NAME), timeout=timeout
+                health_pb2.HealthCheckRequest(service=service), timeout=timeout
             )
         except grpc.aio.AioRpcError:
             return False

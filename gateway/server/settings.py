@@ -15,6 +15,24 @@ from gateway.runtime.config import RuntimeSettings
 DEFAULT_PORT = 50051
 
 
+class RetentionSettings(BaseModel):
+    """``gateway.retention``: how long the ledger keeps what it no longer needs."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    #: Delete settled messages (final or DELIVERED, no fallback timer) last
+    #: updated this many days ago; their idempotency keys become free again.
+    #: None keeps them forever.
+    messages_days: float | None = Field(default=30.0, gt=0)
+    #: Drop statuses that never met their message after this many hours; None: never.
+    pending_hours: float | None = Field(default=24.0, gt=0)
+    #: Seconds between retention passes.
+    interval_seconds: float = Field(default=600.0, gt=0)
+    #: Messages deleted per transaction, and at most this many batches per pass.
+    batch_size: int = Field(default=1000, gt=0)
+    max_batches: int = Field(default=100, gt=0)
+
+
 class GatewaySettings(BaseModel):
     """``gateway:`` config section."""
 
@@ -41,6 +59,8 @@ class GatewaySettings(BaseModel):
     #: Consume status events in this process (the ledger's ingestor) and run
     #: the fallback engine. Switch off only to run a read-only API replica.
     run_ingestor: bool = True
+    #: Ledger retention (runs where the ingestor runs).
+    retention: RetentionSettings = RetentionSettings()
 
 
 def gateway_settings(settings: RuntimeSettings) -> GatewaySettings:

@@ -41,6 +41,7 @@ from gateway.runtime.codec import encode_event, event_routing_key
 from gateway.runtime.memory_bus import InMemoryBus
 from gateway.runtime.topology import EVENTS_EXCHANGE
 from gateway.server import events as events_module
+from gateway.server.app import health_check
 from gateway.server.connectors import QueueInfo
 from gateway.server.errors import RpcError
 from tests.server.conftest import FixedProbe, Gateway, settings, start_gateway
@@ -385,6 +386,11 @@ async def test_health_follows_the_broker_and_shutdown(tmp_path: Path) -> None:
                 break
             await asyncio.sleep(0.1)
         assert reply.status == health_pb2.HealthCheckResponse.NOT_SERVING
+        # Liveness does not follow the broker: a broker outage restarts nothing.
+        alive = await health.Check(health_pb2.HealthCheckRequest(service="liveness"), timeout=5)
+        assert alive.status == health_pb2.HealthCheckResponse.SERVING
+        assert await health_check(server.address, service="liveness")
+        assert not await health_check(server.address)
         bus.available = True
     finally:
         await server.stop()
