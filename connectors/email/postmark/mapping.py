@@ -13,11 +13,14 @@ import binascii
 from datetime import datetime
 from typing import Any
 
-from connectors.email.mapping import interaction_event, status_event
+from connectors.email.compose import data_url_content
+from connectors.email.mapping import interaction_event, outbound_message_id, status_event
 from connectors.email.webhooks import Attached, rebuild_mime
+from gateway.api.v1.command_pb2 import SendMessageCommand
+from gateway.api.v1.content_pb2 import Email
 from gateway.api.v1.delivery_pb2 import DeliveryState, DeliveryStatus
 from gateway.api.v1.envelope_pb2 import Event, RawPayload
-from gateway.contract import BadRequestError
+from gateway.contract import BadRequestError, PermanentError
 
 PROVIDER = "postmark"
 S = DeliveryState
@@ -206,3 +209,75 @@ def inbound_mail(body: Any) -> tuple[bytes, str, list[str]]:
         attachments=attachments,
     )
     return raw, mail_from, rcpt_to
+
+
+def email_payload(
+    command: SendMessageCommand,
+    *,
+    from_address: str,
+    from_name: str,
+    message_stream: str,
+    message_id_domain: str,
+) -> dict[str, Any]:
+    """A ``POST /email`` body for ``command``; bad content is a PermanentError.
+
+    The gateway's message id goes in ``Metadata.gateway_message_id`` (Postmark
+    echoes metadata in its delivery and bounce webhooks) and in our own
+    ``Message-ID`` header.
+    """
+    message = command.message
+    if not message.recipients:
+        raise PermanentError("an email needs at least one recipient", code="invalid_recipient")
+    if message.HasField("email"):
+        content = message.email
+        subject, text, html = content.subject, content.text, content.html
+    elif message.HasField("text"):
+        content = Email()
+        subject, text, html = "", message.text.body, ""
+    else:
+        raise PermanentError("email sends text or email content only", code="unsupported_content")
+    if not text and not html:
+        raise PermanentError("nothing to send: no text or html", code="empty_message")
+    sender = message.sender.address or from_address
+    if "@" not in sender:
+        raise PermanentError("no sender address", code="no_sender")
+    headers = [
+        {"Name": "Message-ID", "Value": outbound_message_id(command.message_id, message_id_domain)}
+    ]
+    references = list(content.references)
+    if content.in_reply_to:
+        headers.append({"Name": "In-Reply-To", "Value": content.in_reply_to})
+        if content.in_reply_to not in references:
+            references.append(content.in_reply_to)
+    if references:
+        headers.append({"Name": "References", "Value": " ".join(references)})
+    for header in content.headers:
+        if "\r" in header.value or "\n" in header.value:
+            raise PermanentError(f"header {header.name!r} has a line break", code="invalid_header")
+        headers.append({"Name": header.name, "Value": header.value})
+    payload: dict[str, Any] = {
+        "From": f'"{from_name}" <{sender}>' if from_name else sender,
+        "To": ", ".join(r.address for r in message.recipients),
+        "Subject": subject,
+        "Headers": headers,
+        "Metadata": {"gateway_message_id": command.message_id},
+        "MessageStream": message_stream,
+    }
+    if text:
+        payload["TextBody"] = text
+    if html:
+        payload["HtmlBody"] = html
+    attachments = []
+    for attachment in message.attachments:
+        data, ctype = data_url_content(attachment)
+        item = {
+            "Name": attachment.filename or "attachment",
+            "Content": base64.b64encode(data).decode(),
+            "ContentType": ctype,
+        }
+        if attachment.content_id:
+            item["ContentID"] = f"cid:{attachment.content_id}"
+        attachments.append(item)
+    if attachments:
+        payload["Attachments"] = attachments
+    return payload
