@@ -400,11 +400,16 @@ def _load_all(path: Path) -> list[dict[str, Any]]:
     return [doc for doc in yaml.safe_load_all(path.read_text()) if doc]
 
 
-def _k8s() -> dict[str, dict[str, Any]]:
+def _k8s(component: str = "sms") -> dict[str, dict[str, Any]]:
+    """The manifests of one component (app.kubernetes.io/component), plus the shared ones
+    (no component label: the ConfigMap), by kind."""
     docs: dict[str, dict[str, Any]] = {}
     for path in sorted((DEPLOY / "k8s").glob("*.yaml")):
         for doc in _load_all(path):
-            docs[doc["kind"]] = doc
+            labels = doc.get("metadata", {}).get("labels", {})
+            if labels.get("app.kubernetes.io/component", component) == component:
+                assert doc["kind"] not in docs, f"two {doc['kind']} for {component}"
+                docs[doc["kind"]] = doc
     return docs
 
 
@@ -439,7 +444,7 @@ def test_dockerfile_runs_the_sms_service_as_non_root() -> None:
 def test_compose_wires_broker_redis_and_the_sms_service(example_raw: dict[str, Any]) -> None:
     compose = yaml.safe_load((DEPLOY / "compose.yaml").read_text())
     services = compose["services"]
-    assert set(services) == {"rabbitmq", "redis", "sms"}
+    assert set(services) == {"rabbitmq", "redis", "sms", "postgres", "gateway"}
     port = HttpSettings().port
 
     sms = services["sms"]
@@ -570,3 +575,132 @@ def test_compose_broker_user_file_is_valid_definitions(tmp_path: Path) -> None:
     ]
     # The topology file mounted next to it declares the same vhost.
     assert json.loads(DEFINITIONS.read_text())["vhosts"] == [{"name": "/"}]
+
+
+# -- the gateway (gRPC API and ledger) ----------------------------------------------------------
+
+
+def _compose_gateway() -> tuple[dict[str, Any], dict[str, Any]]:
+    services = yaml.safe_load((DEPLOY / "compose.yaml").read_text())["services"]
+    return services["gateway"], services["postgres"]
+
+
+def test_compose_runs_the_gateway_on_postgresql() -> None:
+    gateway, postgres = _compose_gateway()
+    port = GatewaySettings().port
+    assert gateway["command"] == ["run", "gateway"]
+    assert gateway["build"]["dockerfile"] == "deploy/Dockerfile"
+    env = gateway["environment"]
+    assert env["CHANNEL_GATEWAY__GATEWAY__HOST"] == "0.0.0.0"
+    assert int(env["CHANNEL_GATEWAY__GATEWAY__PORT"]) == port
+    assert env["CHANNEL_GATEWAY__BROKER__URL"].endswith("@rabbitmq:5672/")
+    # The ledger on the compose PostgreSQL, its password from the environment.
+    ledger = env["CHANNEL_GATEWAY__GATEWAY__LEDGER_URL"]
+    assert ledger.startswith("postgresql+asyncpg://gateway:${POSTGRES_PASSWORD}@postgres:5432/")
+    assert ledger.rsplit("/", 1)[1] == postgres["environment"]["POSTGRES_DB"]
+    assert postgres["environment"]["POSTGRES_PASSWORD"].startswith("${POSTGRES_PASSWORD:?")
+    assert "POSTGRES_PASSWORD=" in (DEPLOY / ".env.example").read_text()
+    assert set(gateway["depends_on"]) == {"rabbitmq", "postgres"}
+    assert gateway["depends_on"]["postgres"]["condition"] == "service_healthy"
+    assert f"127.0.0.1:{port}:{port}" in gateway["ports"]
+    mounts = {m.split(":")[1]: m.split(":")[0] for m in gateway["volumes"]}
+    assert mounts[env["CHANNEL_GATEWAY_CONFIG"]] == "./config.example.yaml"
+    assert gateway["healthcheck"]["test"][:3] == ["CMD", "python", "-c"]
+
+
+async def test_compose_gateway_healthcheck_asks_a_running_gateway(tmp_path: Path) -> None:
+    """The healthcheck's Python snippet, pointed at an in-process gateway, exits 0; pointed at a
+    closed port, it exits 1."""
+    import asyncio
+
+    from gateway.server.app import GatewayServer
+
+    gateway_service, _ = _compose_gateway()
+    snippet = gateway_service["healthcheck"]["test"][3]
+    port = GatewaySettings().port
+    assert f"127.0.0.1:{port}" in snippet
+    assert "service='liveness'" in snippet
+    bus = InMemoryBus()
+    await bus.connect()
+    settings = RuntimeSettings.model_validate(
+        {
+            "broker": {"url": "memory://"},
+            "connectors": {"sms.twilio": {}},
+            "gateway": {
+                "port": 0,
+                "ledger_url": f"sqlite+aiosqlite:///{tmp_path / 'ledger.db'}",
+                "shutdown_grace": 0.5,
+            },
+        }
+    )
+    server = GatewayServer(settings, bus=bus)
+    await server.start()
+    try:
+        for target, expected in ((server.address, 0), ("127.0.0.1:1", 1)):
+            proc = await asyncio.create_subprocess_exec(
+                sys.executable, "-c", snippet.replace(f"127.0.0.1:{port}", target), cwd=ROOT
+            )
+            assert await asyncio.wait_for(proc.wait(), 30) == expected, target
+    finally:
+        await server.stop()
+        await bus.close()
+
+
+def test_kubernetes_gateway_probes_grpc_health_and_reads_the_ledger_url_from_a_secret() -> None:
+    docs = _k8s("gateway")
+    assert {"Deployment", "Service", "ConfigMap", "PodDisruptionBudget"} <= set(docs)
+    deployment, service = docs["Deployment"], docs["Service"]
+    pod = deployment["spec"]["template"]["spec"]
+    (container,) = pod["containers"]
+    assert container["args"] == ["run", "gateway"]
+    port = GatewaySettings().port
+    ports = {p["name"]: p["containerPort"] for p in container["ports"]}
+    assert ports["grpc"] == port
+    env = {e["name"]: e for e in container["env"]}
+    assert env["CHANNEL_GATEWAY__GATEWAY__HOST"]["value"] == "0.0.0.0"
+    assert int(env["CHANNEL_GATEWAY__GATEWAY__PORT"]["value"]) == port
+    assert int(env["CHANNEL_GATEWAY__GATEWAY__METRICS_PORT"]["value"]) == ports["metrics"]
+    # Both URLs carry passwords: from the Secret the SMS service uses too.
+    sms_secret = _k8s("sms")["Deployment"]["spec"]["template"]["spec"]["containers"][0]["env"]
+    (broker_ref,) = [
+        e["valueFrom"]["secretKeyRef"]
+        for e in sms_secret
+        if e["name"] == "CHANNEL_GATEWAY__BROKER__URL"
+    ]
+    assert env["CHANNEL_GATEWAY__BROKER__URL"]["valueFrom"]["secretKeyRef"] == broker_ref
+    ledger_ref = env["CHANNEL_GATEWAY__GATEWAY__LEDGER_URL"]["valueFrom"]["secretKeyRef"]
+    assert ledger_ref == {"name": broker_ref["name"], "key": "ledger-url"}
+    assert deployment["spec"]["replicas"] > 1  # hence PostgreSQL, never the SQLite default
+
+    # gRPC health checking: readiness follows the API service (and so the broker), liveness
+    # and start-up the "liveness" service, which the gateway keeps SERVING while it runs.
+    from gateway.server.app import LIVENESS_SERVICE
+    from gateway.server.service import SERVICE_NAME
+
+    assert container["readinessProbe"]["grpc"] == {"port": port, "service": SERVICE_NAME}
+    assert container["livenessProbe"]["grpc"] == {"port": port, "service": LIVENESS_SERVICE}
+    assert container["startupProbe"]["grpc"] == {"port": port, "service": LIVENESS_SERVICE}
+    grace = GatewaySettings().shutdown_grace
+    assert pod["terminationGracePeriodSeconds"] > grace + 5  # preStop sleep, then the drain
+    assert pod["securityContext"]["runAsNonRoot"] is True
+
+    config_mount = next(
+        m
+        for m in container["volumeMounts"]
+        if m["mountPath"] == env["CHANNEL_GATEWAY_CONFIG"]["value"]
+    )
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    assert (
+        volumes[config_mount["name"]]["configMap"]["name"] == docs["ConfigMap"]["metadata"]["name"]
+    )
+
+    labels = deployment["spec"]["template"]["metadata"]["labels"]
+    assert deployment["spec"]["selector"]["matchLabels"].items() <= labels.items()
+    assert service["spec"]["selector"].items() <= labels.items()
+    assert docs["PodDisruptionBudget"]["spec"]["selector"]["matchLabels"].items() <= labels.items()
+    # The SMS selectors must not catch gateway pods (and the other way round).
+    sms_labels = _k8s("sms")["Deployment"]["spec"]["template"]["metadata"]["labels"]
+    assert not service["spec"]["selector"].items() <= sms_labels.items()
+    (service_port,) = service["spec"]["ports"]
+    assert service_port["targetPort"] in (port, "grpc")
+    assert service_port["port"] == port
