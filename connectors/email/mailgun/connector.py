@@ -14,7 +14,8 @@ Routes (under ``/webhooks/email/mailgun``), one set per configured account:
 
 Both are signed with the webhook signing key (HMAC-SHA256 of timestamp +
 token), held to a freshness window, with a token-to-body replay cache.
-Outbound email goes through ``email.smtp`` (Mailgun's SMTP relay).
+Outbound: the Messages API (``api_key`` + ``domain`` per account), with the
+gateway's message id as the user variable ``gateway_message_id``.
 """
 
 from __future__ import annotations
@@ -22,17 +23,21 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Self
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from connectors.email.mailgun import mapping, webhooks
+from connectors.email.mailgun.client import DEFAULT_API_BASE, MailgunClient
 from connectors.email.provider import EmailWebhookConnector, EmailWebhookSettings
+from gateway.api.v1.command_pb2 import SendMessageCommand
 from gateway.api.v1.connector_pb2 import ConnectorManifest
 from gateway.api.v1.delivery_pb2 import DeliveryState
 from gateway.contract import (
     AuthError,
     ConnectorContext,
     Inbound,
+    PermanentError,
     Secret,
+    SendResult,
     WebhookReply,
     WebhookRequest,
     WebhookRoute,
@@ -48,12 +53,26 @@ class MailgunAccount(BaseModel):
 
     #: The HTTP webhook signing key (Settings > Webhooks).
     webhook_signing_key: Secret
+    #: Sending: a private API key and the sending domain (sends refused without).
+    api_key: Secret | None = None
+    domain: str = ""
+    from_address: str = ""
+    from_name: str = ""
+
+    @model_validator(mode="after")
+    def _check(self) -> Self:
+        if self.api_key is not None and (not self.domain or "@" not in self.from_address):
+            raise ValueError("an account with an api_key needs domain and from_address")
+        return self
 
 
 class MailgunSettings(EmailWebhookSettings):
     """``connectors.email.mailgun`` config section."""
 
     accounts: dict[str, MailgunAccount] = Field(min_length=1)
+    #: https://api.mailgun.net, or https://api.eu.mailgun.net for EU domains.
+    api_base_url: str = DEFAULT_API_BASE
+    default_account: str | None = None
 
 
 MANIFEST = ConnectorManifest(
@@ -61,10 +80,15 @@ MANIFEST = ConnectorManifest(
     provider="mailgun",
     api_version="v3",
     docs_url="https://documentation.mailgun.com/docs/mailgun/user-manual/webhooks/",
-    outbound_content=[],
+    outbound_content=["email", "text"],
     inbound_content=["email"],
     delivery_states=sorted(
-        {S.DELIVERY_STATE_QUEUED, S.DELIVERY_STATE_DELIVERED, S.DELIVERY_STATE_FAILED}
+        {
+            S.DELIVERY_STATE_QUEUED,
+            S.DELIVERY_STATE_DELIVERED,
+            S.DELIVERY_STATE_FAILED,
+            S.DELIVERY_STATE_EXPIRED,
+        }
     ),
     event_types=["message.received", "message.status", "message.interaction"],
     idempotent_send=False,
@@ -81,6 +105,7 @@ class MailgunEmailConnector(EmailWebhookConnector):
         super().__init__(context, settings)
         self._settings = settings
         self._tokens = webhooks.TokenCache(ttl=settings.signature_max_age + 60)
+        self._clients: dict[str, MailgunClient] = {}
 
     @classmethod
     def create(cls, context: ConnectorContext, settings: MailgunSettings) -> Self:
@@ -94,6 +119,46 @@ class MailgunEmailConnector(EmailWebhookConnector):
                 name="inbound_mime", path="/{account}/inbound/mime", handler=self.on_inbound
             ),
             WebhookRoute(name="events", path="/{account}/events", handler=self.on_events),
+        )
+
+    async def start(self) -> None:
+        await super().start()
+        for name, account in self._settings.accounts.items():
+            if account.api_key is not None:
+                self._clients[name] = MailgunClient(
+                    self._ctx.http,
+                    api_base=self._settings.api_base_url,
+                    api_key=account.api_key.get_secret_value(),
+                    domain=account.domain,
+                )
+
+    async def stop(self) -> None:
+        self._clients.clear()
+        await super().stop()
+
+    async def send(self, command: SendMessageCommand) -> SendResult:
+        """Send through the Messages API (200 = queued at Mailgun)."""
+        name = (
+            command.account or self._settings.default_account or next(iter(self._settings.accounts))
+        )
+        account = self._settings.accounts.get(name)
+        if account is None:
+            raise PermanentError(f"unknown mailgun account {name!r}", code="unknown_account")
+        client = self._clients.get(name)
+        if client is None:
+            raise PermanentError(f"mailgun account {name!r} has no api_key", code="no_api_key")
+        fields, files = mapping.send_form(
+            command,
+            from_address=account.from_address,
+            from_name=account.from_name,
+            message_id_domain=self._settings.message_id_domain or account.domain,
+        )
+        provider_id = await client.send(fields, files)
+        return SendResult(
+            provider_message_id=provider_id,
+            account=name,
+            state=S.DELIVERY_STATE_QUEUED,
+            provider_status="queued",
         )
 
     def _verify(self, request: WebhookRequest, timestamp: str, token: str, signature: str) -> str:

@@ -13,11 +13,19 @@ from collections.abc import Sequence
 from datetime import UTC, datetime
 from typing import Any
 
-from connectors.email.mapping import gateway_message_id, interaction_event, status_event
+from connectors.email.compose import data_url_content
+from connectors.email.mapping import (
+    gateway_message_id,
+    interaction_event,
+    outbound_message_id,
+    status_event,
+)
 from connectors.email.webhooks import Attached, FormPart, rebuild_mime
+from gateway.api.v1.command_pb2 import SendMessageCommand
+from gateway.api.v1.content_pb2 import Email
 from gateway.api.v1.delivery_pb2 import DeliveryState, DeliveryStatus
 from gateway.api.v1.envelope_pb2 import Event, RawPayload
-from gateway.contract import BadRequestError
+from gateway.contract import BadRequestError, PermanentError
 
 PROVIDER = "mailgun"
 S = DeliveryState
@@ -170,3 +178,57 @@ def inbound_mail(fields: Sequence[FormPart]) -> tuple[bytes, str, list[str]]:
         attachments=attachments,
     )
     return raw, mail_from, rcpt_to
+
+
+def send_form(
+    command: SendMessageCommand, *, from_address: str, from_name: str, message_id_domain: str
+) -> tuple[list[tuple[str, str]], list[tuple[str, bytes, str, str]]]:
+    """Form fields and files of a Messages API send; bad content is a PermanentError.
+
+    The gateway's message id is the user variable ``gateway_message_id``
+    (echoed in every event's ``user-variables``) and our own Message-Id.
+    """
+    message = command.message
+    if not message.recipients:
+        raise PermanentError("an email needs at least one recipient", code="invalid_recipient")
+    if message.HasField("email"):
+        content = message.email
+        subject, text, html = content.subject, content.text, content.html
+    elif message.HasField("text"):
+        content = Email()
+        subject, text, html = "", message.text.body, ""
+    else:
+        raise PermanentError("email sends text or email content only", code="unsupported_content")
+    if not text and not html:
+        raise PermanentError("nothing to send: no text or html", code="empty_message")
+    sender = message.sender.address or from_address
+    if "@" not in sender:
+        raise PermanentError("no sender address", code="no_sender")
+    fields = [("from", f'"{from_name}" <{sender}>' if from_name else sender)]
+    fields += [("to", r.address) for r in message.recipients]
+    fields.append(("subject", subject))
+    if text:
+        fields.append(("text", text))
+    if html:
+        fields.append(("html", html))
+    fields.append(("h:Message-Id", outbound_message_id(command.message_id, message_id_domain)))
+    references = list(content.references)
+    if content.in_reply_to:
+        fields.append(("h:In-Reply-To", content.in_reply_to))
+        if content.in_reply_to not in references:
+            references.append(content.in_reply_to)
+    if references:
+        fields.append(("h:References", " ".join(references)))
+    for header in content.headers:
+        if "\r" in header.value or "\n" in header.value:
+            raise PermanentError(f"header {header.name!r} has a line break", code="invalid_header")
+        fields.append((f"h:{header.name}", header.value))
+    fields.append(("v:gateway_message_id", command.message_id))
+    files = []
+    for attachment in message.attachments:
+        data, ctype = data_url_content(attachment)
+        inline = attachment.inline and attachment.content_id
+        # Mailgun names an inline part's Content-ID after its filename.
+        filename = attachment.content_id if inline else (attachment.filename or "attachment")
+        files.append(("inline" if inline else "attachment", data, filename, ctype))
+    return fields, files
