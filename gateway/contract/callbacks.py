@@ -19,6 +19,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
+from urllib.parse import parse_qs, urlsplit
 
 from opentelemetry import trace
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
@@ -41,13 +42,12 @@ def current_traceparent() -> str:
 def traced_callback_url(url: str) -> str:
     """``url`` with the current span's traceparent as a query parameter.
 
-    Unchanged when no span is current (nothing to link to).
+    Unchanged when no span is current (nothing to link to) or the URL names a
+    trace already.
     """
     traceparent = current_traceparent()
-    if not traceparent:
+    if not traceparent or CALLBACK_TRACE_PARAM in parse_qs(urlsplit(url).query):
         return url
-    if CALLBACK_TRACE_PARAM + "=" in url:
-        raise ValueError(f"callback URL already carries {CALLBACK_TRACE_PARAM}: {url}")
     separator = "&" if "?" in url else "?"
     # A traceparent is lower-case hex and dashes: nothing to percent-encode.
     return f"{url}{separator}{CALLBACK_TRACE_PARAM}={traceparent}"

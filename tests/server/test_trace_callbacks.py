@@ -48,6 +48,9 @@ def test_traced_callback_url_round_trips_the_current_span() -> None:
     assert linked is not None
     assert linked.traceparent.split("-")[1] == expected
     assert linked.context.span_id == span.get_span_context().span_id
+    with provider.get_tracer("t").start_as_current_span("another send"):
+        # A URL that names a trace already keeps it.
+        assert traced_callback_url(url) == url
     # Without a current span there is nothing to link: the URL is unchanged.
     assert traced_callback_url("https://gw.example/s") == "https://gw.example/s"
 
