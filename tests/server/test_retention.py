@@ -3,12 +3,17 @@
 from __future__ import annotations
 
 import asyncio
+from datetime import UTC, datetime
 from pathlib import Path
+
+from prometheus_client import REGISTRY
 
 from gateway.api.v1.delivery_pb2 import DeliveryState
 from gateway.ledger import NewMessage, StatusUpdate
 from gateway.runtime.memory_bus import InMemoryBus
 from gateway.server.app import GatewayServer
+from gateway.server.retention import RetentionTask
+from gateway.server.settings import RetentionSettings
 from tests.server.conftest import settings
 
 S = DeliveryState
@@ -71,3 +76,37 @@ async def test_read_only_replica_runs_no_retention(tmp_path: Path) -> None:
     finally:
         await server.stop()
         await bus.close()
+
+
+class FlakyLedger:
+    """Stands in for the ledger: the first purge fails (database down), later ones work."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+        self.deleted = asyncio.Event()
+
+    def now(self) -> datetime:
+        return datetime.now(UTC)
+
+    async def purge(self, before: datetime, *, limit: int) -> int:
+        self.calls += 1
+        if self.calls == 1:
+            raise ConnectionRefusedError("database down")
+        self.deleted.set()
+        return 0
+
+    async def purge_pending(self, older_than: datetime) -> int:
+        return 0
+
+
+async def test_a_failed_pass_is_counted_and_the_next_one_retries() -> None:
+    ledger = FlakyLedger()
+    task = RetentionTask(ledger, RetentionSettings(interval_seconds=0.05))  # type: ignore[arg-type]
+    failures = REGISTRY.get_sample_value("gateway_ledger_retention_failures_total") or 0.0
+    task.start()
+    try:
+        await asyncio.wait_for(ledger.deleted.wait(), 5)
+    finally:
+        await task.stop()
+    assert ledger.calls >= 2
+    assert REGISTRY.get_sample_value("gateway_ledger_retention_failures_total") == failures + 1
