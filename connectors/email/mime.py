@@ -23,6 +23,7 @@ notification (``multipart/report; report-type=delivery-status``).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import re
 from collections.abc import Callable, Iterator
@@ -30,6 +31,7 @@ from concurrent.futures import Executor, ProcessPoolExecutor
 from dataclasses import dataclass, field
 from datetime import datetime
 from email import message_from_bytes, policy
+from email.header import decode_header, make_header
 from email.headerregistry import Address
 from email.message import Message
 from email.utils import getaddresses, parsedate_to_datetime
@@ -180,6 +182,9 @@ def precheck(raw: bytes, limits: MimeLimits) -> None:
 
 # -- parsing -----------------------------------------------------------------------
 
+#: What the stdlib's header parser raises on some garbled headers.
+_HEADER_FAILURES = (ValueError, TypeError, IndexError, AttributeError, LookupError, UnicodeError)
+
 _AUTO_PRECEDENCE = {"bulk", "junk", "list", "auto_reply"}
 _MSGID = re.compile(r"<[^<>\s]+>")
 
@@ -198,20 +203,46 @@ def _first_msgid(value: str | None) -> str:
 
 def _children(part: Message) -> list[Message]:
     """The sub-parts of a multipart or attached message (none for a leaf)."""
+    if not part.is_multipart():
+        return []
     payload = part.get_payload()
     if not isinstance(payload, list):
         return []
     return [child for child in payload if isinstance(child, Message)]
 
 
+def _raw_values(msg: Message, name: str) -> list[str]:
+    """The values of header ``name`` as received (RFC 2047 words decoded when possible)."""
+    wanted = name.lower()
+    values = []
+    for key, raw in msg.raw_items():
+        if key.lower() != wanted:
+            continue
+        text = str(raw)
+        # Undecodable words stay as received.
+        with contextlib.suppress(ValueError, LookupError, UnicodeError):
+            text = str(make_header(decode_header(text)))
+        values.append(" ".join(text.split()))
+    return values
+
+
 def _header_str(msg: Message, name: str) -> str:
-    value = msg.get(name)
+    try:
+        value = msg.get(name)
+    except _HEADER_FAILURES:
+        # The modern header parser fails on some garbled headers (stdlib
+        # bugs): fall back to the value as received rather than lose the mail.
+        raw = _raw_values(msg, name)
+        return raw[0].strip() if raw else ""
     return "" if value is None else str(value).strip()
 
 
 def _addresses(msg: Message, name: str) -> tuple[MailAddress, ...]:
-    values = msg.get_all(name) or []
     result: list[MailAddress] = []
+    try:
+        values: list[object] = list(msg.get_all(name) or [])
+    except _HEADER_FAILURES:
+        values = list(_raw_values(msg, name))
     for value in values:
         groups = getattr(value, "addresses", None)
         if groups is not None:
@@ -234,7 +265,7 @@ def _decoded_text(part: Message) -> str:
     charset = part.get_content_charset() or "us-ascii"
     try:
         return payload.decode(charset, errors="replace")
-    except LookupError:  # an unknown charset name: best effort, never fail the mail
+    except (LookupError, ValueError):  # an unknown or garbled charset name: never fail the mail
         return payload.decode("utf-8", errors="replace")
 
 
@@ -367,9 +398,22 @@ def _dsn(report: Message) -> tuple[list[DsnRecipient], str]:
     return recipients, original
 
 
+#: What the stdlib parser raises on input it cannot make sense of.
+_PARSER_FAILURES = (ValueError, LookupError, TypeError, UnicodeError, AttributeError, IndexError)
+
+
 def parse(raw: bytes, limits: MimeLimits | None = None) -> ParsedMail:
-    """Normalize one message; raises :class:`MimeLimitError` on a cap."""
-    limits = limits or MimeLimits()
+    """Normalize one message; raises :class:`MimeLimitError` on a cap, and
+    also (reason ``unparsable``) when the stdlib parser fails on the input."""
+    try:
+        return _parse(raw, limits or MimeLimits())
+    except MimeLimitError:
+        raise
+    except _PARSER_FAILURES as exc:
+        raise MimeLimitError("unparsable", f"{type(exc).__name__}: {exc}"[:500]) from exc
+
+
+def _parse(raw: bytes, limits: MimeLimits) -> ParsedMail:
     precheck(raw, limits)
     try:
         msg = message_from_bytes(raw, policy=policy.default)
@@ -412,7 +456,11 @@ def parse(raw: bytes, limits: MimeLimits | None = None) -> ParsedMail:
                 continue
             if ctype == "message/rfc822":
                 embedded_parts = _children(part)
-                data = embedded_parts[0].as_bytes() if embedded_parts else b""
+                try:
+                    data = embedded_parts[0].as_bytes() if embedded_parts else b""
+                except _HEADER_FAILURES:
+                    # Not re-serializable (garbled headers): the bytes as received.
+                    data = str(embedded_parts[0]).encode("utf-8", "surrogateescape")
             else:
                 payload = part.get_payload(decode=True)
                 data = payload if isinstance(payload, bytes) else b""
@@ -433,11 +481,13 @@ def parse(raw: bytes, limits: MimeLimits | None = None) -> ParsedMail:
     new_text, quoted = split_quoted(text)
     html = sanitize_html("\n".join(h for h in html_parts if h)) if html_parts else ""
     headers: list[tuple[str, str]] = []
-    for name, value in msg.items():
+    for name, raw_value in msg.raw_items():
         try:
-            headers.append((name, str(value)))
-        except (ValueError, TypeError, IndexError):  # an unparsable header: keep it raw
-            headers.append((name, msg.get_all(name, [""])[0]))
+            value = str(msg.policy.header_fetch_parse(name, raw_value))
+        except (ValueError, TypeError, IndexError, AttributeError):
+            # The modern header parser gave up on this one: keep it as received.
+            value = str(raw_value)
+        headers.append((name, value))
     date: datetime | None = None
     try:
         raw_date = _header_str(msg, "Date")

@@ -140,7 +140,7 @@ def _field(fields: Sequence[FormPart], name: str, charsets: dict[str, Any] | Non
             charset = str((charsets or {}).get(name) or "utf-8")
             try:
                 return part.data.decode(charset, errors="replace")
-            except LookupError:  # a charset name Python does not know
+            except (LookupError, ValueError):  # a charset name Python does not know
                 return part.text
     return ""
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import random
 from datetime import UTC, datetime
 
 import pytest
@@ -247,3 +248,25 @@ def test_garbage_never_raises_anything_but_a_cap() -> None:
     ):
         mail = parse(raw)
         assert mail.kind == "message"
+
+
+def test_mutated_corpus_never_raises_anything_but_a_cap() -> None:
+    """Byte flips, truncations and splices of real-shaped mails: parse either
+    returns a mail or refuses with MimeLimitError, never another exception."""
+    rng = random.Random(20261123)
+    mails = [build() for build in corpus.CORPUS.values()]
+    for _ in range(300):
+        raw = bytearray(rng.choice(mails))
+        for _ in range(rng.randint(1, 20)):
+            position = rng.randrange(len(raw))
+            raw[position] = rng.choice(b'\x00\xff=?\r\n:;<>"-\\ abcQB')
+        if rng.random() < 0.3:
+            raw = raw[: rng.randrange(1, len(raw))]
+        if rng.random() < 0.3:
+            other = rng.choice(mails)
+            raw += other[rng.randrange(len(other)) :]
+        try:
+            mail = parse(bytes(raw))
+        except MimeLimitError:
+            continue
+        assert mail.kind in ("message", "auto_reply", "dsn")
