@@ -1,7 +1,7 @@
 """Inbound SMTP benchmark: mails/s through ``channel-gateway run email.smtp``
 with confirmed publishes to RabbitMQ.
 
-``python -m connectors.email.bench [--mails 2000] [--connections 8]`` starts the
+``python -m benchmarks.email_smtp [--mails 2000] [--connections 8]`` starts the
 real service in a subprocess (its own config, the real broker), binds a
 private queue to ``message.received.email.smtp``, and sends distinct mails
 over ``--connections`` concurrent SMTP sessions (aiosmtplib). A mail counts
@@ -33,7 +33,7 @@ from pathlib import Path
 import aio_pika
 import aiosmtplib
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_OUTPUT = ROOT / "benchmarks" / "results" / "email_smtp.json"
 RCPT = "support@shop.example"
 
@@ -184,7 +184,7 @@ connectors:
         await connection.close()
     result: dict[str, object] = {
         "benchmark": "inbound SMTP -> normalized event, confirmed publish (email.smtp)",
-        "command": f"python -m connectors.email.bench --mails {mails} --connections {connections}",
+        "command": f"python -m benchmarks.email_smtp --mails {mails} --connections {connections}",
         "when": datetime.now(UTC).isoformat(timespec="seconds"),
         "machine": {"cpus": os.cpu_count(), "python": platform.python_version()},
         "connections": connections,
