@@ -130,6 +130,63 @@ def test_run_serves_health_and_stops_gracefully_on_sigterm(tmp_path: Path) -> No
             proc.communicate()
 
 
+def _trace_rows(stdout: str, message_id: str) -> list[list[str]]:
+    """The timeline rows the demo printed for ``message_id`` (as ``trace`` renders them)."""
+    lines = stdout.splitlines()
+    start = lines.index(
+        next(line for line in lines if f"channel-gateway trace {message_id}" in line)
+    )
+    rows = []
+    for line in lines[start + 1 :]:
+        if line.startswith("==>"):
+            break
+        cells = line.split()
+        # date, time, state, provider status, reason, attempt, channel, trace id
+        if len(cells) == 8 and cells[0][:2] == "20":
+            rows.append(cells)
+    return rows
+
+
+def _assert_whole_demo(stdout: str) -> None:
+    """What every demo run shows, whichever bus it runs on."""
+    lines = stdout.splitlines()
+
+    def posted(label: str) -> str:
+        return next(line for line in lines if line.startswith(f"==> POST {label}"))
+
+    # Inbound: SMS (Twilio, Vonage), a WhatsApp batch, a Telegram update, forged ones refused.
+    assert stdout.count("message.received.sms.twilio") == 2
+    assert "HTTP 200" in posted("WhatsApp Cloud API batch: 2 messages + 1 status")
+    assert "HTTP 401" in posted("forged WhatsApp webhook")
+    assert "HTTP 200" in posted("Telegram update")
+    whatsapp = [line for line in lines if "message.received.whatsapp.meta" in line]
+    assert len(whatsapp) == 2
+    assert all("+16505551234 -> +15550783881" in line for line in whatsapp)
+    assert [line.split()[1] for line in lines if "message.status.whatsapp.meta" in line] == ["READ"]
+    telegram = [line for line in lines if "message.received.telegram.bot" in line]
+    assert len(telegram) == 1
+    assert '"/start order 3456"' in telegram[0]
+    # Outbound through the gateway's gRPC API, with an idempotent retry.
+    sent = next(line for line in lines if "SendMessage via sms.twilio" in line)
+    message_id = sent.split("accepted ")[1].split(",")[0]
+    again = next(line for line in lines if "SendMessage again with the same key" in line)
+    assert f"same message id {message_id}, created=False" in again
+    assert "fake Twilio got 1 create-message call(s)" in stdout
+    for state in ("QUEUED", "SENT", "DELIVERED"):
+        assert f"{state} ({state.lower()}) provider_id=" in stdout
+    # The ledger's timeline, as ``channel-gateway trace`` prints it.
+    rows = _trace_rows(stdout, message_id)
+    assert [(r[2], r[3]) for r in rows] == [
+        ("ACCEPTED", "-"),
+        ("QUEUED", "queued"),
+        ("SENT", "sent"),
+        ("DELIVERED", "delivered"),
+    ]
+    assert all(r[6] == "sms.twilio" for r in rows)
+    assert len({r[7] for r in rows}) == 1  # every entry on the send's trace
+    assert "state     DELIVERED" in stdout
+
+
 def test_demo_runs_end_to_end_on_the_in_memory_bus() -> None:
     out = subprocess.run(
         [*CLI, "demo", "--broker-url", "memory://"],
@@ -139,10 +196,9 @@ def test_demo_runs_end_to_end_on_the_in_memory_bus() -> None:
         cwd=ROOT,
     )
     assert out.returncode == 0, out.stdout + out.stderr
-    assert out.stdout.count("message.received.sms.twilio") == 2
+    assert "IN-MEMORY bus" in out.stdout
     assert "HTTP 401" in out.stdout
-    for state in ("QUEUED", "SENT", "DELIVERED"):
-        assert f"{state} (" in out.stdout
+    _assert_whole_demo(out.stdout)
 
 
 @pytest.mark.rabbitmq
@@ -150,5 +206,5 @@ def test_demo_runs_end_to_end_on_rabbitmq() -> None:
     out = subprocess.run([*CLI, "demo"], capture_output=True, text=True, timeout=60, cwd=ROOT)
     assert out.returncode == 0, out.stdout + out.stderr
     assert "in-memory" not in out.stdout.lower()
-    assert out.stdout.count("message.received.sms.twilio") == 2
-    assert "DELIVERED (delivered)" in out.stdout
+    assert "on RabbitMQ localhost:5672/" in out.stdout
+    _assert_whole_demo(out.stdout)
