@@ -11,7 +11,7 @@
    ``sig``, a Messages API inbound SMS with its HS256 JWT, a forged one); a
    WhatsApp Cloud API batch of two messages and a status signed with
    ``X-Hub-Signature-256`` and a forged copy; a Telegram update carrying the
-   bot's secret token.
+   bot's secret token and one with a wrong token (403).
 3. Consumes the normalized events from the broker and prints them.
 4. Sends one message per SMS provider like a downstream service would: gRPC
    SendMessage with an idempotency key (the Twilio one twice with the same
@@ -340,6 +340,12 @@ async def _inbound(
             update,
             update_headers(tg_secret),
         ),
+        (
+            "forged Telegram update (wrong secret token)",
+            f"{base_url}/webhooks/telegram/bot/{TELEGRAM_BOT}",
+            _telegram_update(set()),
+            update_headers("tg_" + secrets.token_hex(12)),
+        ),
     ]
     async with aiohttp.ClientSession() as http:
         return [await _post(http, *call) for call in calls]
@@ -565,7 +571,7 @@ async def _run(broker_url: str | None, tmp: Path) -> int:
             meta_secret=meta_app_secret,
             tg_secret=tg_secret,
         )
-        expected = [200, 200, 200, 401, 204, 200, 401, 200, 401, 200]
+        expected = [200, 200, 200, 401, 204, 200, 401, 200, 401, 200, 403]
         if statuses != expected:
             _say(f"unexpected HTTP statuses {statuses}, expected {expected}")
             return 1

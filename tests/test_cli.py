@@ -159,6 +159,7 @@ def _assert_whole_demo(stdout: str) -> None:
     assert "HTTP 200" in posted("WhatsApp Cloud API batch: 2 messages + 1 status")
     assert "HTTP 401" in posted("forged WhatsApp webhook")
     assert "HTTP 200" in posted("Telegram update")
+    assert "HTTP 403" in posted("forged Telegram update")
     whatsapp = [line for line in lines if "message.received.whatsapp.meta" in line]
     assert len(whatsapp) == 2
     assert all("+16505551234 -> +15550783881" in line for line in whatsapp)
