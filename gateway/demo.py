@@ -80,6 +80,12 @@ TELEGRAM_USER = {"id": TELEGRAM_USER_ID, "is_bot": False, "first_name": "Ada", "
 #: Inbound: Twilio SMS + MMS, Vonage SMS API SMS + Messages API SMS,
 #: WhatsApp's two messages and one status, one Telegram message.
 EXPECTED_INBOUND = 8
+#: Why sends go astray on a real broker: the send.* command queues and the
+#: gateway's status queue are shared by every service on the vhost.
+SHARED_HINT = (
+    " (is another connector service or gateway using this broker? They share the command "
+    "and status queues: stop it, or pass --broker-url with a vhost of the demo's own)"
+)
 #: Outbound: Twilio's QUEUED, SENT, DELIVERED and Vonage's ACCEPTED, SENT, DELIVERED.
 EXPECTED_STATUSES = 6
 
@@ -421,7 +427,7 @@ async def _outbound(address: str, events: Events, ids: set[str]) -> bool:
     try:
         statuses = await _next_events(events, ids, EXPECTED_STATUSES)
     except TimeoutError:
-        _say(f"the {EXPECTED_STATUSES} expected status events did not all arrive")
+        _say(f"the {EXPECTED_STATUSES} expected status events did not all arrive{SHARED_HINT}")
         return False
     color = sys.stdout.isatty() and "NO_COLOR" not in os.environ
     ok = True
@@ -439,7 +445,9 @@ async def _outbound(address: str, events: Events, ids: set[str]) -> bool:
         print(_indent(client.trace_table(message, color=color)), flush=True)
         recorded = {entry.provider_status for entry in message.timeline}
         if message.state != DeliveryState.DELIVERY_STATE_DELIVERED or not seen <= recorded:
-            _say(f"the ledger's timeline of {message_id} lacks statuses seen on the bus")
+            _say(
+                f"the ledger's timeline of {message_id} lacks statuses seen on the bus{SHARED_HINT}"
+            )
             ok = False
     return ok
 

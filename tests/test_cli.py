@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
 
 import pytest
 
@@ -202,10 +204,33 @@ def test_demo_runs_end_to_end_on_the_in_memory_bus() -> None:
     _assert_whole_demo(out.stdout)
 
 
+def _rabbitmqctl(*args: str) -> None:
+    ctl = shutil.which("rabbitmqctl") or "/usr/sbin/rabbitmqctl"
+    result = subprocess.run([ctl, "-q", *args], capture_output=True, text=True, timeout=30)
+    assert result.returncode == 0, f"rabbitmqctl {' '.join(args)}: {result.stderr}"
+
+
 @pytest.mark.rabbitmq
-def test_demo_runs_end_to_end_on_rabbitmq() -> None:
-    out = subprocess.run([*CLI, "demo"], capture_output=True, text=True, timeout=60, cwd=ROOT)
+def test_demo_runs_end_to_end_on_rabbitmq(rabbitmq_url: str, unique: str) -> None:
+    # A throw-away vhost: the demo's connectors and gateway consume the standard
+    # command and status queues, which other services or tests on the shared
+    # broker would otherwise compete for.
+    vhost = f"cg-demo-{unique}"
+    parts = urlsplit(rabbitmq_url)
+    _rabbitmqctl("add_vhost", vhost)
+    try:
+        _rabbitmqctl("set_permissions", "-p", vhost, parts.username or "guest", ".*", ".*", ".*")
+        url = urlunsplit(parts._replace(path="/" + vhost))
+        out = subprocess.run(
+            [*CLI, "demo", "--broker-url", url],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            cwd=ROOT,
+        )
+    finally:
+        _rabbitmqctl("delete_vhost", vhost)
     assert out.returncode == 0, out.stdout + out.stderr
     assert "in-memory" not in out.stdout.lower()
-    assert "on RabbitMQ localhost:5672/" in out.stdout
+    assert f"on RabbitMQ {parts.hostname}:{parts.port}/{vhost}:" in out.stdout
     _assert_whole_demo(out.stdout)
