@@ -26,6 +26,7 @@ Exit code 0 when every expected event arrived and every check held, 1 otherwise.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import secrets
@@ -476,150 +477,151 @@ async def _run(broker_url: str | None, tmp: Path) -> int:
     fake_meta = FakeMeta(tokens=(meta_token,))
     tg_token, tg_secret = "7000000001:" + secrets.token_urlsafe(27), "tg_" + secrets.token_hex(12)
     fake_telegram = FakeTelegram(tokens=(tg_token,))
-    for server in (fake, fake_vonage, fake_meta, fake_telegram):
-        await server.start()
-    settings = RuntimeSettings.model_validate(
-        {
-            "http": {"host": "127.0.0.1", "port": 0},
-            "broker": {"url": url},
-            "gateway": {
-                "host": "127.0.0.1",
-                "port": 0,
-                "ledger_url": f"sqlite+aiosqlite:///{tmp / 'ledger.db'}",
-            },
-            "connectors": {
-                "sms.twilio": {
-                    "api_base_url": fake.url,
-                    "accounts": {
-                        "main": {
-                            "account_sid": ACCOUNT_SID,
-                            "auth_token": {"env": "DEMO_TWILIO_TOKEN"},
-                            "numbers": [OUR_NUMBER],
-                        },
-                    },
-                },
-                "sms.vonage": {
-                    "api_base_url": fake_vonage.url,
-                    "accounts": {
-                        "main": {
-                            "api_key": VONAGE_API_KEY,
-                            "api_secret": {"env": "DEMO_VONAGE_API_SECRET"},
-                            "signature_secret": {"env": "DEMO_VONAGE_SIGNATURE_SECRET"},
-                            "signature_method": "md5hash",
-                            "numbers": [VONAGE_NUMBER],
-                        },
-                    },
-                },
-                "whatsapp.meta": {
-                    "app_secret": {"env": "DEMO_META_APP_SECRET"},
-                    "verify_token": {"env": "DEMO_META_VERIFY_TOKEN"},
-                    "graph_base_url": fake_meta.url,
-                    "accounts": {
-                        "main": {
-                            "phone_number_id": WA_PHONE_NUMBER_ID,
-                            "access_token": {"env": "DEMO_META_TOKEN"},
-                            "waba_id": WABA_ID,
-                        },
-                    },
-                },
-                "telegram.bot": {
-                    "api_base_url": fake_telegram.url,
-                    "bots": {
-                        TELEGRAM_BOT: {
-                            "token": {"env": "DEMO_TELEGRAM_TOKEN"},
-                            "secret_token": {"env": "DEMO_TELEGRAM_SECRET"},
-                        },
-                    },
-                },
-            },
-        }
-    )
-    # One process, one bus, like ``channel-gateway up``: on memory:// the gateway
-    # and the connectors must share the bus to reach each other.
-    service = Service(
-        settings,
-        CONNECTORS,
-        bus=bus,
-        environ={
-            "DEMO_TWILIO_TOKEN": token,
-            "DEMO_VONAGE_API_SECRET": vonage_secret,
-            "DEMO_VONAGE_SIGNATURE_SECRET": vonage_signature_secret,
-            "DEMO_META_APP_SECRET": meta_app_secret,
-            "DEMO_META_VERIFY_TOKEN": secrets.token_hex(8),
-            "DEMO_META_TOKEN": meta_token,
-            "DEMO_TELEGRAM_TOKEN": tg_token,
-            "DEMO_TELEGRAM_SECRET": tg_secret,
-        },
-    )
-    gateway = GatewayServer(
-        settings, bus=bus, hosted=lambda: [hosted.spec.name for hosted in service.hosted]
-    )
-    events: Events = asyncio.Queue()
-    ids: set[str] = set()  # provider and gateway message ids of this run's traffic
-
-    async def collect(delivery: Delivery) -> None:
-        await events.put((decode_event(delivery), delivery.routing_key))
-
-    where = "the in-memory bus" if url == "memory://" else "RabbitMQ " + url.split("@")[-1]
-    subscription = None
-    try:
-        _say(f"starting the SMS and social connectors on {where}: {', '.join(CONNECTORS)}")
-        await service.start()
-        await gateway.start()
-        _say(f"starting the gateway: gRPC on {gateway.address}, SQLite ledger in {tmp}")
-        queue = await bus.declare_temporary_queue(EVENTS_EXCHANGE, ["message.#"])
-        subscription = await bus.consume(queue, collect, prefetch=32)
-        statuses = await _inbound(
-            service.base_url,
-            ids,
-            twilio_token=token,
-            vonage_secret=vonage_signature_secret,
-            meta_secret=meta_app_secret,
-            tg_secret=tg_secret,
-        )
-        expected = [200, 200, 200, 401, 204, 200, 401, 200, 401, 200, 403]
-        if statuses != expected:
-            _say(f"unexpected HTTP statuses {statuses}, expected {expected}")
-            return 1
-        _say("events on channels.events (a consumer bound to message.#):")
-        await _next_events(events, ids, EXPECTED_INBOUND)
-        if not await _outbound(
-            gateway.address, events, ids, hint="" if url == "memory://" else SHARED_HINT
-        ):
-            return 1
-        await asyncio.sleep(0.3)  # let stray duplicates, if any, arrive
-        calls, callbacks = len(fake.calls), len(fake.callbacks_sent)
-        _say(f"fake Twilio got {calls} create-message call(s), sent {callbacks} status callbacks")
-        twilio_calls = calls
-        calls, callbacks = len(fake_vonage.calls), len(fake_vonage.callbacks_sent)
-        _say(f"fake Vonage got {calls} send call(s), sent {callbacks} signed status webhooks")
-        if twilio_calls != 1 or calls != 1:
-            _say("each provider should have been called exactly once")
-            return 1
-        extra = []
-        while not events.empty():
-            event, key = events.get_nowait()
-            if _is_ours(event, ids):
-                extra.append(render(event, key))
-        if extra:
-            _say(f"unexpected extra events: {len(extra)}")
-            print("\n".join("    " + line for line in extra), flush=True)
-            return 1
-        _say(
-            "done: every webhook became exactly one confirmed event, the forged ones none; "
-            "a repeated idempotency key sent nothing twice"
-        )
-        return 0
-    except TimeoutError:
-        _say(f"the {EXPECTED_INBOUND} expected inbound events did not all arrive")
-        return 1
-    except client.ClientError as exc:
-        _say(f"gateway call failed: {exc}")
-        return 1
-    finally:
-        if subscription is not None:
-            await subscription.cancel()
-        await gateway.stop()
-        await service.stop()  # closes the shared bus
+    async with contextlib.AsyncExitStack() as fakes:  # stopped however the demo ends
         for server in (fake, fake_vonage, fake_meta, fake_telegram):
-            await server.stop()
+            await fakes.enter_async_context(server)
+        settings = RuntimeSettings.model_validate(
+            {
+                "http": {"host": "127.0.0.1", "port": 0},
+                "broker": {"url": url},
+                "gateway": {
+                    "host": "127.0.0.1",
+                    "port": 0,
+                    "ledger_url": f"sqlite+aiosqlite:///{tmp / 'ledger.db'}",
+                },
+                "connectors": {
+                    "sms.twilio": {
+                        "api_base_url": fake.url,
+                        "accounts": {
+                            "main": {
+                                "account_sid": ACCOUNT_SID,
+                                "auth_token": {"env": "DEMO_TWILIO_TOKEN"},
+                                "numbers": [OUR_NUMBER],
+                            },
+                        },
+                    },
+                    "sms.vonage": {
+                        "api_base_url": fake_vonage.url,
+                        "accounts": {
+                            "main": {
+                                "api_key": VONAGE_API_KEY,
+                                "api_secret": {"env": "DEMO_VONAGE_API_SECRET"},
+                                "signature_secret": {"env": "DEMO_VONAGE_SIGNATURE_SECRET"},
+                                "signature_method": "md5hash",
+                                "numbers": [VONAGE_NUMBER],
+                            },
+                        },
+                    },
+                    "whatsapp.meta": {
+                        "app_secret": {"env": "DEMO_META_APP_SECRET"},
+                        "verify_token": {"env": "DEMO_META_VERIFY_TOKEN"},
+                        "graph_base_url": fake_meta.url,
+                        "accounts": {
+                            "main": {
+                                "phone_number_id": WA_PHONE_NUMBER_ID,
+                                "access_token": {"env": "DEMO_META_TOKEN"},
+                                "waba_id": WABA_ID,
+                            },
+                        },
+                    },
+                    "telegram.bot": {
+                        "api_base_url": fake_telegram.url,
+                        "bots": {
+                            TELEGRAM_BOT: {
+                                "token": {"env": "DEMO_TELEGRAM_TOKEN"},
+                                "secret_token": {"env": "DEMO_TELEGRAM_SECRET"},
+                            },
+                        },
+                    },
+                },
+            }
+        )
+        # One process, one bus, like ``channel-gateway up``: on memory:// the gateway
+        # and the connectors must share the bus to reach each other.
+        service = Service(
+            settings,
+            CONNECTORS,
+            bus=bus,
+            environ={
+                "DEMO_TWILIO_TOKEN": token,
+                "DEMO_VONAGE_API_SECRET": vonage_secret,
+                "DEMO_VONAGE_SIGNATURE_SECRET": vonage_signature_secret,
+                "DEMO_META_APP_SECRET": meta_app_secret,
+                "DEMO_META_VERIFY_TOKEN": secrets.token_hex(8),
+                "DEMO_META_TOKEN": meta_token,
+                "DEMO_TELEGRAM_TOKEN": tg_token,
+                "DEMO_TELEGRAM_SECRET": tg_secret,
+            },
+        )
+        gateway = GatewayServer(
+            settings, bus=bus, hosted=lambda: [hosted.spec.name for hosted in service.hosted]
+        )
+        events: Events = asyncio.Queue()
+        ids: set[str] = set()  # provider and gateway message ids of this run's traffic
+
+        async def collect(delivery: Delivery) -> None:
+            await events.put((decode_event(delivery), delivery.routing_key))
+
+        where = "the in-memory bus" if url == "memory://" else "RabbitMQ " + url.split("@")[-1]
+        subscription = None
+        try:
+            _say(f"starting the SMS and social connectors on {where}: {', '.join(CONNECTORS)}")
+            await service.start()
+            await gateway.start()
+            _say(f"starting the gateway: gRPC on {gateway.address}, SQLite ledger in {tmp}")
+            queue = await bus.declare_temporary_queue(EVENTS_EXCHANGE, ["message.#"])
+            subscription = await bus.consume(queue, collect, prefetch=32)
+            statuses = await _inbound(
+                service.base_url,
+                ids,
+                twilio_token=token,
+                vonage_secret=vonage_signature_secret,
+                meta_secret=meta_app_secret,
+                tg_secret=tg_secret,
+            )
+            expected = [200, 200, 200, 401, 204, 200, 401, 200, 401, 200, 403]
+            if statuses != expected:
+                _say(f"unexpected HTTP statuses {statuses}, expected {expected}")
+                return 1
+            _say("events on channels.events (a consumer bound to message.#):")
+            await _next_events(events, ids, EXPECTED_INBOUND)
+            if not await _outbound(
+                gateway.address, events, ids, hint="" if url == "memory://" else SHARED_HINT
+            ):
+                return 1
+            await asyncio.sleep(0.3)  # let stray duplicates, if any, arrive
+            calls, callbacks = len(fake.calls), len(fake.callbacks_sent)
+            _say(
+                f"fake Twilio got {calls} create-message call(s), sent {callbacks} status callbacks"
+            )
+            twilio_calls = calls
+            calls, callbacks = len(fake_vonage.calls), len(fake_vonage.callbacks_sent)
+            _say(f"fake Vonage got {calls} send call(s), sent {callbacks} signed status webhooks")
+            if twilio_calls != 1 or calls != 1:
+                _say("each provider should have been called exactly once")
+                return 1
+            extra = []
+            while not events.empty():
+                event, key = events.get_nowait()
+                if _is_ours(event, ids):
+                    extra.append(render(event, key))
+            if extra:
+                _say(f"unexpected extra events: {len(extra)}")
+                print("\n".join("    " + line for line in extra), flush=True)
+                return 1
+            _say(
+                "done: every webhook became exactly one confirmed event, the forged ones none; "
+                "a repeated idempotency key sent nothing twice"
+            )
+            return 0
+        except TimeoutError:
+            _say(f"the {EXPECTED_INBOUND} expected inbound events did not all arrive")
+            return 1
+        except client.ClientError as exc:
+            _say(f"gateway call failed: {exc}")
+            return 1
+        finally:
+            if subscription is not None:
+                await subscription.cancel()
+            await gateway.stop()
+            await service.stop()  # closes the shared bus
