@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import re
 import smtplib
+import socket
 import ssl
 from pathlib import Path
 from typing import Any
@@ -16,7 +17,7 @@ from gateway.runtime.bus import Bus
 from gateway.runtime.memory_bus import InMemoryBus
 from gateway.runtime.service import Service
 from gateway.runtime.topology import DEAD_EXCHANGE
-from gateway.testing.conformance import FlakyBus
+from gateway.testing.conformance import FlakyBus, GatedBus
 from tests.connectors.email import corpus
 from tests.connectors.email.support import LagProbe, email_service, self_signed
 
@@ -231,3 +232,21 @@ async def test_round_trip_on_real_rabbitmq(rabbitmq_url: str, unique: str) -> No
         assert seen.quarantined[0].attributes["email.quarantine_reason"] == "header_too_long"
         bus: Bus = service.bus
         assert bus.is_ready()
+
+
+async def test_shutdown_lets_a_mail_in_flight_finish_and_refuses_new_sessions() -> None:
+    bus = GatedBus()
+    async with email_service("email.smtp", section(), bus=bus) as (service, _):
+        port = smtp_port(service)
+        sending = asyncio.create_task(asend(port, corpus.plain_utf8(), [SHOP]))
+        await asyncio.wait_for(bus.entered.wait(), 5)  # the mail is being published
+        stopping = asyncio.create_task(service.stop())
+        await asyncio.sleep(0.3)
+        assert not sending.done(), "the sender got an answer before the publish confirm"
+        with pytest.raises(ConnectionRefusedError):
+            await asyncio.to_thread(socket.create_connection, ("127.0.0.1", port), 2)
+        bus.gate.set()
+        assert await sending == {}  # 250: the in-flight mail was published, then the server stopped
+        await stopping
+    published = [rk for _, rk, _ in bus.published if rk.startswith("message.received")]
+    assert published == ["message.received.email.smtp"]
