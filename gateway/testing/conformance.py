@@ -598,7 +598,8 @@ class ConnectorConformance:
     ) -> None:
         channel = await amqp_connection.channel()
         queue = await channel.declare_queue(f"conformance.{unique}", auto_delete=False)
-        await queue.bind(EVENTS_EXCHANGE, routing_key="#")
+        # Only this connector's events: other publishers may share the broker.
+        await queue.bind(EVENTS_EXCHANGE, routing_key=f"#.{self.connector}")
         try:
             async with self.running(broker_url=rabbitmq_url, collect=False) as h:
                 await _stop_consuming_commands(h.service)
@@ -626,7 +627,8 @@ class ConnectorConformance:
     ) -> None:
         channel = await amqp_connection.channel()
         queue = await channel.declare_queue(f"conformance.{unique}", auto_delete=False)
-        await queue.bind(EVENTS_EXCHANGE, routing_key="#")
+        # Only this connector's events: other publishers may share the broker.
+        await queue.bind(EVENTS_EXCHANGE, routing_key=f"#.{self.connector}")
         parts = URL(rabbitmq_url)
         prefix = f"cg:conformance:{unique}:"
         try:
@@ -662,7 +664,7 @@ class ConnectorConformance:
                 got = await queue.get(fail=False, no_ack=True)
                 assert got is not None
                 await asyncio.sleep(SETTLE)
-                assert await _drain(queue, None) == []
+                assert await _drain(queue, got.message_id) == []
         finally:
             await queue.delete(if_unused=False, if_empty=False)
             await channel.close()
