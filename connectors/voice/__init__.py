@@ -1,0 +1,1 @@
+"""Voice connectors: call flows (TwiML/NCCO) and call events."""
