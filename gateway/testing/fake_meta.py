@@ -5,7 +5,10 @@ It answers, under ``/<version>/``:
 - ``POST /<phone-number-id>/messages`` like the WhatsApp Cloud API (a message
   id in ``messages[0].id``; ``{"success": true}`` for a mark-as-read);
 - ``POST /<page-or-ig-id>/messages`` like the Messenger / Instagram Send API
-  (``{"recipient_id", "message_id"}``);
+  (``{"recipient_id", "message_id"}``; ``reply_to`` must carry a ``mid``) and
+  its sender actions (``{"recipient_id"}``; ``react`` / ``unreact`` need
+  ``payload.message_id``, ``react`` also ``payload.reaction``; never with a
+  ``message``);
 - ``GET /<media-id>`` like the media endpoint (``{"url", "mime_type", ...}``)
   for media registered with :meth:`FakeMeta.add_media`.
 
@@ -202,10 +205,37 @@ class FakeMeta:
         if "message" not in body and "sender_action" not in body:
             return web.json_response(graph_error(100, "(#100) message is required"), status=400)
         if "sender_action" in body:
-            return web.json_response({"recipient_id": recipient["id"]})
+            return self._sender_action(body, recipient["id"])
+        reply_to = body.get("reply_to")
+        if reply_to is not None and not (isinstance(reply_to, dict) and reply_to.get("mid")):
+            return web.json_response(graph_error(100, "(#100) reply_to needs a mid"), status=400)
         return web.json_response(
             {"recipient_id": recipient["id"], "message_id": "m_" + uuid.uuid4().hex}
         )
+
+    def _sender_action(self, body: dict[str, Any], recipient_id: str) -> web.Response:
+        """Sender actions as the Messenger docs describe them: alone (no message), and
+        ``react`` / ``unreact`` with ``payload.message_id`` (``react`` also ``reaction``)."""
+        action = body["sender_action"]
+        if "message" in body:
+            return web.json_response(
+                graph_error(100, "(#100) sender_action cannot be sent with a message"), status=400
+            )
+        if action in ("react", "unreact"):
+            payload = body.get("payload")
+            if not isinstance(payload, dict) or not payload.get("message_id"):
+                return web.json_response(
+                    graph_error(100, "(#100) payload.message_id is required"), status=400
+                )
+            if action == "react" and not payload.get("reaction"):
+                return web.json_response(
+                    graph_error(100, "(#100) payload.reaction is required"), status=400
+                )
+        elif action not in ("mark_seen", "typing_on", "typing_off"):
+            return web.json_response(
+                graph_error(100, f"(#100) unknown sender_action {action!r}"), status=400
+            )
+        return web.json_response({"recipient_id": recipient_id})
 
     def _whatsapp(self, body: dict[str, Any]) -> web.Response:
         if body.get("status") == "read":

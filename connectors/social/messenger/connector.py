@@ -11,7 +11,11 @@ Route (under ``/webhooks/<channel>/meta``): GET for the subscription
 handshake, POST for notifications (``X-Hub-Signature-256``). Accounts are
 pages (Messenger) or Instagram professional accounts, found by ``entry.id``.
 
-Outbound: ``POST /<page-or-ig-id>/messages`` with the account's page access token.
+Outbound: ``POST /<page-or-ig-id>/messages`` with the account's page access token:
+messages (``reply_to`` becomes the Send API's ``reply_to.mid``), and sender
+actions chosen by ``<channel>.action`` metadata -- ``mark_seen``,
+``typing_on``/``typing_off``, and ``reaction`` (``react``/``unreact`` on
+``reply_to``); see :mod:`connectors.social.messenger.outbound`.
 Delivery and read webhooks name the Meta message id only (the Send API echoes
 no metadata on them): status events carry ``provider_message_id``, not the
 gateway message id.

@@ -11,7 +11,17 @@ Content: ``text``; ``media`` (the first attachment by URL or reusable
 - ``<channel>.tag``: send as ``MESSAGE_TAG`` with that tag (outside the
   standard 24-hour window, e.g. ``HUMAN_AGENT``); default ``RESPONSE``;
 - ``<channel>.action``: ``mark_seen`` / ``typing_on`` / ``typing_off`` (a
-  sender action instead of a message).
+  sender action instead of a message);
+- ``<channel>.action = reaction``: react to ``reply_to`` (a message id, ``mid``)
+  with ``<channel>.emoji`` (sender action ``react``, payload ``{message_id,
+  reaction}``); an empty emoji removes our reaction (sender action ``unreact``,
+  payload ``{message_id}``).
+  https://developers.facebook.com/documentation/business-messaging/messenger-platform/send-messages/sender-actions
+
+``reply_to`` on an ordinary message becomes the Send API's top-level
+``reply_to: {"mid": ...}`` (the message shows as a reply to that one); the
+parameter is listed in the Page Messages reference
+(https://developers.facebook.com/docs/graph-api/reference/page/messages).
 """
 
 from __future__ import annotations
@@ -26,6 +36,8 @@ MAX_TEXT_LENGTH = 2000
 MAX_QUICK_REPLIES = 13
 MAX_BUTTONS = 3
 SENDER_ACTIONS = frozenset({"mark_seen", "typing_on", "typing_off"})
+#: The metadata action that reacts to (or, with an empty emoji, unreacts from) ``reply_to``.
+REACTION = "reaction"
 
 _ATTACHMENT_TYPES = {
     MediaKind.MEDIA_KIND_IMAGE: "image",
@@ -46,6 +58,8 @@ def build_payload(command: SendMessageCommand, channel: str) -> dict[str, Any]:
         )
     body: dict[str, Any] = {"recipient": {"id": message.recipients[0].address}}
     action = command.metadata.get(f"{channel}.action", "")
+    if action == REACTION:
+        return _reaction(command, channel, body)
     if action:
         if action not in SENDER_ACTIONS:
             raise PermanentError(f"unknown {channel}.action {action!r}", code="unsupported_content")
@@ -116,4 +130,23 @@ def build_payload(command: SendMessageCommand, channel: str) -> dict[str, Any]:
         raise PermanentError(
             f"{channel} cannot send {content or 'an empty message'}", code="unsupported_content"
         )
+    if message.reply_to:
+        body["reply_to"] = {"mid": message.reply_to}
+    return body
+
+
+def _reaction(command: SendMessageCommand, channel: str, body: dict[str, Any]) -> dict[str, Any]:
+    """The ``react`` / ``unreact`` sender action on the message ``reply_to`` names."""
+    target = command.message.reply_to
+    if not target:
+        raise PermanentError(
+            "a reaction needs reply_to (the message reacted to)", code="invalid_reaction"
+        )
+    emoji = command.metadata.get(f"{channel}.emoji", "")
+    if emoji:
+        body["sender_action"] = "react"
+        body["payload"] = {"message_id": target, "reaction": emoji}
+    else:
+        body["sender_action"] = "unreact"
+        body["payload"] = {"message_id": target}
     return body
