@@ -8,6 +8,9 @@ GET for Meta's subscription handshake and POST for notifications, signed with
 changes[] x messages[]/statuses[]``; every item is one event, and the answer
 is 2xx only once all are confirmed (a retry re-emits only what is missing).
 Events name our account by its configured key (found by ``phone_number_id``).
+Edits (``message.edited``) and revokes (``message.deleted``) arrive only for
+WhatsApp Business app numbers onboarded to the Cloud API ("Coexistence"), as
+Meta documents them; see :mod:`connectors.social.whatsapp.mapping`.
 
 Outbound: ``POST /<phone-number-id>/messages`` with the account's access
 token; ``biz_opaque_callback_data`` = the gateway message id, which Meta

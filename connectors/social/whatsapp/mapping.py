@@ -11,6 +11,18 @@ referral / click-to-WhatsApp ad context, the media ``sha256`` Meta computed,
 ``voice`` / ``animated`` flags, list-reply descriptions, forwarded flags,
 every contact of a multi-contact message (the content carries the first),
 pricing and conversation of statuses.
+
+Edits and revokes: Meta documents ``type: "edit"`` (``edit.original_message_id``
+and ``edit.message``, the new content in the shape of an ordinary message) and
+``type: "revoke"`` (``revoke.original_message_id``) on the ``messages`` field,
+but only for WhatsApp Business app numbers onboarded to the Cloud API
+("Coexistence"); plain Cloud API numbers never receive them, and Meta has at
+times delivered edits as ``unsupported`` instead (published as
+``message.unsupported`` here). They map to ``message.edited`` (``Edit``) and
+``message.deleted`` (``Delete``), keyed by the original message id; neither
+opens the customer-service window (only a new customer message does).
+https://developers.facebook.com/documentation/business-messaging/whatsapp/webhooks/reference/messages/edit
+https://developers.facebook.com/documentation/business-messaging/whatsapp/webhooks/reference/messages/revoke
 """
 
 from __future__ import annotations
@@ -34,7 +46,7 @@ from gateway.api.v1.content_pb2 import (
 )
 from gateway.api.v1.delivery_pb2 import DeliveryState, DeliveryStatus
 from gateway.api.v1.envelope_pb2 import Event
-from gateway.api.v1.message_pb2 import Direction, Message, Reaction
+from gateway.api.v1.message_pb2 import Delete, Direction, Edit, Message, Reaction
 from gateway.api.v1.participant_pb2 import Participant, ParticipantRole
 from gateway.contract import BadRequestError, inbound_event_id
 from gateway.contract.ids import conversation_id
@@ -68,7 +80,16 @@ MEDIA_KINDS: Mapping[str, MediaKind.ValueType] = {
 #: ``message.unsupported`` with the provider's error details in attributes.
 UNSUPPORTED_TYPES = frozenset({"unsupported", "unknown", "system", "order", "request_welcome"})
 
-EVENT_TYPES = ("message.received", "message.status", "message.reaction", "message.unsupported")
+EVENT_TYPES = (
+    "message.received",
+    "message.status",
+    "message.reaction",
+    "message.edited",
+    "message.deleted",
+    "message.unsupported",
+)
+#: Message ``type``s that change an earlier message rather than send a new one.
+AMENDMENT_TYPES = frozenset({"edit", "revoke"})
 INBOUND_CONTENT = ("text", "media", "location", "contact", "choice_response")
 
 
@@ -147,7 +168,7 @@ def _map_change(
         )
         event.attributes["whatsapp.phone_number_id"] = phone_number_id
         batch.events.append(event)
-        if event.type != "message.unsupported" or text(message, "type") != "system":
+        if text(message, "type") not in AMENDMENT_TYPES | {"system"}:
             customer = wa_address(required(message, "from"))
             batch.customer_messages.append(
                 (account, customer, unix_time(message.get("timestamp")) or received_at)
@@ -235,6 +256,34 @@ def inbound_message(
         )
         event.conversation_id = conversation
         return event
+
+    if kind == "revoke":
+        revoke = message.get("revoke")
+        if not isinstance(revoke, dict):
+            raise BadRequestError("revoke message without revoke")
+        event = _base_event(
+            event_id=inbound_event_id(PROVIDER, account, "whatsapp.revoke", wamid),
+            type_="message.deleted",
+            account=account,
+            occurred_at=occurred_at,
+            received_at=received_at,
+            item=message,
+        )
+        event.delete.CopyFrom(
+            Delete(provider_message_id=required(revoke, "original_message_id"), sender=sender)
+        )
+        event.conversation_id = conversation
+        event.attributes["whatsapp.message_id"] = wamid
+        return event
+
+    if kind == "edit":
+        return _edit_event(
+            message,
+            account=account,
+            business=business,
+            names=names,
+            received_at=received_at,
+        )
 
     if kind in UNSUPPORTED_TYPES or (kind not in MEDIA_KINDS and kind not in _CONTENT_TYPES):
         event = _base_event(
@@ -374,6 +423,57 @@ def inbound_message(
 
 
 _CONTENT_TYPES = frozenset({"text", "location", "contacts", "interactive", "button"})
+
+
+def _edit_event(
+    message: Mapping[str, Any],
+    *,
+    account: str,
+    business: str,
+    names: Mapping[str, str],
+    received_at: datetime,
+) -> Event:
+    """A ``type: "edit"`` item: the new content of ``edit.original_message_id``."""
+    wamid = required(message, "id")
+    edit = message.get("edit")
+    if not isinstance(edit, dict):
+        raise BadRequestError("edit message without edit")
+    original = required(edit, "original_message_id")
+    inner = edit.get("message")
+    if not isinstance(inner, dict):
+        raise BadRequestError("edit without the edited message")
+    if text(inner, "type") in AMENDMENT_TYPES | {"reaction"}:
+        raise BadRequestError(f"an edit cannot carry a {text(inner, 'type')!r} message")
+    # The new content has the shape of an ordinary message without its own
+    # id/from/timestamp: map it as the original message, sent by the same customer.
+    content = inbound_message(
+        {**inner, "id": original, "from": required(message, "from"), "timestamp": ""},
+        account=account,
+        business=business,
+        names=names,
+        received_at=received_at,
+    )
+    event = _base_event(
+        event_id=inbound_event_id(PROVIDER, account, "whatsapp.edit", wamid),
+        type_="message.edited",
+        account=account,
+        occurred_at=unix_time(message.get("timestamp")),
+        received_at=received_at,
+        item=message,
+    )
+    event.conversation_id = content.conversation_id
+    event.attributes["whatsapp.message_id"] = wamid
+    if content.WhichOneof("payload") != "message":
+        # Content the contract cannot hold: the edit is reported, its content is not.
+        event.type = "message.unsupported"
+        event.attributes["whatsapp.type"] = "edit"
+        event.attributes["whatsapp.edited_type"] = text(inner, "type")
+        event.attributes["whatsapp.original_message_id"] = original
+        return event
+    for key, value in content.attributes.items():
+        event.attributes[key] = value
+    event.edit.CopyFrom(Edit(provider_message_id=original, message=content.message))
+    return event
 
 
 def contact_card(contact: Mapping[str, Any]) -> ContactCard:

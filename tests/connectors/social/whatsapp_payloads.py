@@ -108,3 +108,14 @@ def webhook(*changes: dict[str, Any], entries: int = 1) -> dict[str, Any]:
 def body(payload: dict[str, Any]) -> bytes:
     """Serialized as Meta does: compact, non-ASCII escaped (``\\u00e9``)."""
     return json.dumps(payload, separators=(",", ":"), ensure_ascii=True).encode()
+
+
+def edit_message(original_id: str, new_message: dict[str, Any], **extra: Any) -> dict[str, Any]:
+    """A ``type: "edit"`` item (Coexistence numbers only): ``new_message`` is the edited
+    content in the shape of an ordinary message, without id/from/timestamp."""
+    return message("edit", {"original_message_id": original_id, "message": new_message}, **extra)
+
+
+def revoke_message(original_id: str, **extra: Any) -> dict[str, Any]:
+    """A ``type: "revoke"`` item (Coexistence numbers only): the customer deleted a message."""
+    return message("revoke", {"original_message_id": original_id}, **extra)
