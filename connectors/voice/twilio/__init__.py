@@ -1,0 +1,20 @@
+"""Twilio Programmable Voice: entry point ``voice.twilio``."""
+
+from connectors.voice.twilio.connector import (
+    MANIFEST,
+    TwilioVoiceConnector,
+    TwilioVoiceSettings,
+)
+from gateway.contract import ConnectorSpec
+
+SPEC = ConnectorSpec(
+    channel="voice",
+    provider="twilio",
+    settings=TwilioVoiceSettings,
+    factory=TwilioVoiceConnector.create,
+    manifest=MANIFEST,
+    # Twilio retries a webhook within seconds; an hour is ample.
+    dedup_ttl_seconds=3600,
+)
+
+__all__ = ["MANIFEST", "SPEC", "TwilioVoiceConnector", "TwilioVoiceSettings"]
