@@ -70,6 +70,25 @@ def _secret_refs(node: Any) -> Iterator[tuple[str, str]]:
             yield from _secret_refs(value)
 
 
+#: Each connector service and the channels it hosts (``channel-gateway run <service>``).
+SERVICE_CHANNELS = {
+    "sms": ("sms",),
+    "social": ("whatsapp", "messenger", "instagram", "telegram"),
+}
+
+
+def _service_secret_refs(example_raw: dict[str, Any], service: str) -> list[tuple[str, str]]:
+    """The secret references of the connector sections one service hosts: a service
+    validates (and so needs the secrets of) only the connectors it runs."""
+    channels = SERVICE_CHANNELS[service]
+    return [
+        ref
+        for name, section in example_raw["connectors"].items()
+        if name.split(".")[0] in channels
+        for ref in _secret_refs(section)
+    ]
+
+
 def _remap_files(node: Any, files: dict[str, Path]) -> Any:
     """A copy of ``node`` whose ``{file: PATH}`` references point at ``files[PATH]``."""
     if isinstance(node, dict):
@@ -186,11 +205,16 @@ def test_example_config_lists_every_key_with_its_default(example_raw: dict[str, 
     for name, section in example_raw["connectors"].items():
         spec = registry.load(name)
         assert set(section) - {"enabled"} == _keys_of(spec.settings), name
-        account_model = spec.settings.model_fields["accounts"].annotation
+        # Accounts are "accounts", or "bots" for Telegram.
+        (accounts,) = {"accounts", "bots"} & set(spec.settings.model_fields)
+        account_model = spec.settings.model_fields[accounts].annotation
         account_type = account_model.__args__[1]  # type: ignore[union-attr]
         # Every account key appears in at least one account (the accounts show alternatives).
-        shown = set().union(*(set(a) for a in section["accounts"].values()))
-        assert shown == _keys_of(account_type), f"{name}.accounts"
+        shown = set().union(*(set(a) for a in section[accounts].values()))
+        assert shown == _keys_of(account_type), f"{name}.{accounts}"
+        if isinstance(section.get("media"), dict):  # whatsapp.meta's media fetch caps
+            media_model: Any = spec.settings.model_fields["media"].annotation
+            assert set(section["media"]) == _keys_of(media_model), f"{name}.media"
 
 
 def test_example_config_holds_no_literal_secret(example_raw: dict[str, Any]) -> None:
@@ -441,31 +465,42 @@ def test_dockerfile_runs_the_sms_service_as_non_root() -> None:
         assert (ROOT / copied).exists(), copied
 
 
-def test_compose_wires_broker_redis_and_the_sms_service(example_raw: dict[str, Any]) -> None:
+@pytest.mark.parametrize("service", sorted(SERVICE_CHANNELS))
+def test_compose_wires_broker_redis_and_the_connector_services(
+    example_raw: dict[str, Any], service: str
+) -> None:
     compose = yaml.safe_load((DEPLOY / "compose.yaml").read_text())
     services = compose["services"]
-    assert set(services) == {"rabbitmq", "redis", "sms", "postgres", "gateway"}
+    assert set(services) == {"rabbitmq", "redis", "sms", "social", "postgres", "gateway"}
     port = HttpSettings().port
+    # Each service hosts connectors the example configures.
+    hosted = {n.split(".")[0] for n in example_raw["connectors"]} & set(SERVICE_CHANNELS[service])
+    assert hosted, service
 
-    sms = services["sms"]
-    assert sms["build"]["dockerfile"] == "deploy/Dockerfile"
-    assert (DEPLOY / sms["build"]["context"] / sms["build"]["dockerfile"]).is_file()
-    assert sms["command"] == ["run", "sms"]
-    env = sms["environment"]
+    connector = services[service]
+    assert connector["build"]["dockerfile"] == "deploy/Dockerfile"
+    assert (DEPLOY / connector["build"]["context"] / connector["build"]["dockerfile"]).is_file()
+    assert connector["command"] == ["run", service]
+    env = connector["environment"]
     assert env["CHANNEL_GATEWAY__HTTP__HOST"] == "0.0.0.0"
     assert int(env["CHANNEL_GATEWAY__HTTP__PORT"]) == port
     assert env["CHANNEL_GATEWAY__BROKER__URL"].endswith("@rabbitmq:5672/")
     assert env["CHANNEL_GATEWAY__DEDUP__URL"].startswith("redis://redis:")
-    assert f"127.0.0.1:{port}/healthz" in " ".join(sms["healthcheck"]["test"])
-    assert f"{port}:{port}" in sms["ports"]
-    mounts = {m.split(":")[1]: m.split(":")[0] for m in sms["volumes"]}
+    assert f"127.0.0.1:{port}/healthz" in " ".join(connector["healthcheck"]["test"])
+    # Each service its own host port, the container port the runtime's.
+    (mapping,) = connector["ports"]
+    assert mapping.endswith(f":{port}")
+    assert len({services[s]["ports"][0].split(":")[0] for s in SERVICE_CHANNELS}) == len(
+        SERVICE_CHANNELS
+    )
+    mounts = {m.split(":")[1]: m.split(":")[0] for m in connector["volumes"]}
     assert mounts[env["CHANNEL_GATEWAY_CONFIG"]] == "./config.example.yaml"
-    for source, where in _secret_refs(example_raw):
+    for source, where in _service_secret_refs(example_raw, service):
         if source == "env":
             assert where in env, f"compose does not pass {where}"
         else:
             assert where in mounts, f"compose does not mount {where}"
-    assert set(sms["depends_on"]) == {"rabbitmq", "redis"}
+    assert set(connector["depends_on"]) == {"rabbitmq", "redis"}
 
     rabbit = services["rabbitmq"]
     rabbit_mounts = dict(m.split(":")[:2] for m in rabbit["volumes"])
@@ -476,10 +511,11 @@ def test_compose_wires_broker_redis_and_the_sms_service(example_raw: dict[str, A
     assert re.search(r"^load_definitions = /etc/rabbitmq/definitions.d$", conf, re.M)
 
 
+@pytest.mark.parametrize("component", sorted(SERVICE_CHANNELS))
 def test_kubernetes_probes_ports_and_secrets_match_the_runtime(
-    example_raw: dict[str, Any],
+    example_raw: dict[str, Any], component: str
 ) -> None:
-    docs = _k8s()
+    docs = _k8s(component)
     assert {"Deployment", "Service", "ConfigMap", "PodDisruptionBudget"} <= set(docs)
     deployment, service = docs["Deployment"], docs["Service"]
     pod = deployment["spec"]["template"]["spec"]
@@ -492,7 +528,7 @@ def test_kubernetes_probes_ports_and_secrets_match_the_runtime(
     assert int(env["CHANNEL_GATEWAY__HTTP__PORT"]["value"]) == port
     assert env["CHANNEL_GATEWAY__DEDUP__URL"]["value"].startswith("redis://")
     assert deployment["spec"]["replicas"] > 1  # hence Redis dedup
-    assert container["args"] == ["run", "sms"]
+    assert container["args"] == ["run", component]
 
     assert container["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": "http"}
     assert container["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "http"}
@@ -505,7 +541,9 @@ def test_kubernetes_probes_ports_and_secrets_match_the_runtime(
     secret_names: set[str] = set()
     mounts = {m["mountPath"]: m["name"] for m in container["volumeMounts"]}
     volumes = {v["name"]: v for v in pod["volumes"]}
-    for source, where in _secret_refs(example_raw):
+    refs = _service_secret_refs(example_raw, component)
+    assert refs, component
+    for source, where in refs:
         if source == "env":
             ref = env[where]["valueFrom"]["secretKeyRef"]
             secret_names.add(ref["name"])
