@@ -28,6 +28,18 @@ _RANK: dict[int, int] = {
     C.CALL_STATE_CANCELED: 4,
 }
 
+#: Canonical state -> its event type word (routing key ``call.<word>.voice.<provider>``).
+STATE_WORDS: dict[CallState.ValueType, str] = {
+    C.CALL_STATE_INITIATED: "initiated",
+    C.CALL_STATE_RINGING: "ringing",
+    C.CALL_STATE_ANSWERED: "answered",
+    C.CALL_STATE_COMPLETED: "completed",
+    C.CALL_STATE_BUSY: "busy",
+    C.CALL_STATE_NO_ANSWER: "no_answer",
+    C.CALL_STATE_FAILED: "failed",
+    C.CALL_STATE_CANCELED: "canceled",
+}
+
 #: States a call never leaves.
 FINAL_STATES = frozenset(state for state, rank in _RANK.items() if rank == 4)
 

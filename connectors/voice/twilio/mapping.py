@@ -19,6 +19,7 @@ from google.protobuf.duration_pb2 import Duration
 from google.protobuf.timestamp_pb2 import Timestamp
 from multidict import MultiDict, MultiMapping
 
+from connectors.voice.lifecycle import STATE_WORDS
 from gateway.api.v1.call_pb2 import CallEvent, CallState
 from gateway.api.v1.content_pb2 import Attachment, Media, MediaKind
 from gateway.api.v1.envelope_pb2 import Event, RawPayload
@@ -45,17 +46,6 @@ STATUS_MAP: Mapping[str, CallState.ValueType] = {
     "no-answer": C.CALL_STATE_NO_ANSWER,
     "failed": C.CALL_STATE_FAILED,
     "canceled": C.CALL_STATE_CANCELED,
-}
-#: Canonical state -> the event type word (routing key ``call.<word>.voice.twilio``).
-STATE_WORDS: Mapping[CallState.ValueType, str] = {
-    C.CALL_STATE_INITIATED: "initiated",
-    C.CALL_STATE_RINGING: "ringing",
-    C.CALL_STATE_ANSWERED: "answered",
-    C.CALL_STATE_COMPLETED: "completed",
-    C.CALL_STATE_BUSY: "busy",
-    C.CALL_STATE_NO_ANSWER: "no_answer",
-    C.CALL_STATE_FAILED: "failed",
-    C.CALL_STATE_CANCELED: "canceled",
 }
 #: Event types this connector publishes.
 EVENT_TYPES = (

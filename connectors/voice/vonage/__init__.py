@@ -1,0 +1,20 @@
+"""Vonage Voice API: entry point ``voice.vonage``."""
+
+from connectors.voice.vonage.connector import (
+    MANIFEST,
+    VonageVoiceConnector,
+    VonageVoiceSettings,
+)
+from gateway.contract import ConnectorSpec
+
+SPEC = ConnectorSpec(
+    channel="voice",
+    provider="vonage",
+    settings=VonageVoiceSettings,
+    factory=VonageVoiceConnector.create,
+    manifest=MANIFEST,
+    # Vonage retries event webhooks for a limited time; a day is ample.
+    dedup_ttl_seconds=24 * 3600,
+)
+
+__all__ = ["MANIFEST", "SPEC", "VonageVoiceConnector", "VonageVoiceSettings"]
