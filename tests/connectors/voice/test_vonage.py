@@ -254,3 +254,24 @@ async def test_broker_outage_still_answers(vonage: VonageHarness) -> None:
     event, key = await asyncio.wait_for(vonage.events.get(), 5.0)
     assert key == "call.answered.voice.vonage"
     assert event.call.call_id == leg
+
+
+async def test_transcription_event_keeps_the_transcription_url(vonage: VonageHarness) -> None:
+    leg, rec = str(uuid.uuid4()), str(uuid.uuid4())
+    url = vonage.url("transcription", flow="support", step="voicemail", call=leg)
+    payload = {
+        "conversation_uuid": "CON-" + leg,
+        "type": "transcription",
+        "recording_uuid": rec,
+        "status": "transcribed",
+        "transcription_url": f"https://api.nexmo.com/v1/files/{rec}-transcript",
+    }
+    status, _ = await vonage.post(url, payload)
+    assert status == 204
+    event, key = (await vonage.drain())[0]
+    assert key == "call.transcription.voice.vonage"
+    assert event.call.call_id == leg
+    assert event.attributes["vonage.transcription_url"].endswith("-transcript")
+    # Without the call leg in the URL the event cannot be attributed: a clear 400.
+    status, _ = await vonage.post(vonage.url("transcription", flow="support", step="x"), payload)
+    assert status == 400
