@@ -18,6 +18,7 @@ import aiohttp
 import pytest
 import yaml
 
+from connectors.voice.twilio import MANIFEST
 from gateway.api.v1.envelope_pb2 import Event
 from gateway.runtime.bus import Bus, Delivery, Subscription
 from gateway.runtime.codec import decode_event
@@ -25,6 +26,7 @@ from gateway.runtime.config import RuntimeSettings
 from gateway.runtime.memory_bus import InMemoryBus
 from gateway.runtime.service import Service, enabled_connectors, open_bus
 from gateway.runtime.topology import EVENTS_EXCHANGE
+from gateway.testing.conformance import check_manifest
 from tests.connectors.sms.twilio.support import sign
 from tests.connectors.voice.test_flow import FLOWS_YAML
 
@@ -93,15 +95,18 @@ class Harness:
             return resp.status, resp.content_type, await resp.text()
 
     async def next_event(self, timeout: float = 5.0) -> tuple[Event, str]:
-        """The next published event (fails the test after ``timeout``)."""
-        return await asyncio.wait_for(self.events.get(), timeout)
+        """The next published event (fails the test after ``timeout``), checked
+        against the connector's manifest."""
+        event, key = await asyncio.wait_for(self.events.get(), timeout)
+        assert check_manifest(MANIFEST, event) == []
+        return event, key
 
     async def drain(self, settle: float = 0.2) -> list[tuple[Event, str]]:
         """Every event published until none arrives for ``settle`` seconds."""
         found = []
         while True:
             try:
-                found.append(await asyncio.wait_for(self.events.get(), settle))
+                found.append(await self.next_event(settle))
             except TimeoutError:
                 return found
 

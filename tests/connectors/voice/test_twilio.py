@@ -236,3 +236,21 @@ async def test_unknown_status_is_a_bad_request(harness: Harness) -> None:
     status, _, _ = await harness.call(harness.url("status"), call_params(call_sid(), "exploded"))
     assert status == 400
     assert await harness.drain() == []
+
+
+async def test_withheld_caller_timestamp_and_malformed_duration(harness: Harness) -> None:
+    sid = call_sid()
+    params = call_params(
+        sid, "completed", CallDuration="5", Timestamp="Mon, 23 Nov 2026 12:00:00 +0000"
+    )
+    params.update(From="Anonymous", Caller="Anonymous")
+    status, _, _ = await harness.call(harness.url("status"), params)
+    assert status == 204
+    event, _ = await harness.next_event()
+    assert getattr(event.call, "from") == "Anonymous"
+    assert event.occurred_at.ToJsonString() == "2026-11-23T12:00:00Z"
+    bad = call_params(call_sid(), "completed", CallDuration="five")
+    status, _, body = await harness.call(harness.url("status"), bad)
+    assert status == 400
+    assert "CallDuration" in body
+    assert await harness.drain() == []

@@ -24,6 +24,7 @@ import yaml
 from vonage_jwt import verify_signature  # type: ignore[import-untyped]
 
 from connectors.voice import lifecycle
+from connectors.voice.vonage import MANIFEST
 from gateway.api.v1.call_pb2 import CallState
 from gateway.api.v1.envelope_pb2 import Event
 from gateway.runtime.bus import Delivery
@@ -32,6 +33,7 @@ from gateway.runtime.config import RuntimeSettings
 from gateway.runtime.memory_bus import InMemoryBus
 from gateway.runtime.service import Service, enabled_connectors
 from gateway.runtime.topology import EVENTS_EXCHANGE
+from gateway.testing.conformance import check_manifest
 from gateway.testing.fake_vonage import signed_webhook_headers
 from tests.connectors.voice.schemas import check_ncco
 from tests.connectors.voice.test_flow import FLOWS_YAML
@@ -81,9 +83,11 @@ class VonageHarness:
         found = []
         while True:
             try:
-                found.append(await asyncio.wait_for(self.events.get(), settle))
+                event, key = await asyncio.wait_for(self.events.get(), settle)
             except TimeoutError:
                 return found
+            assert check_manifest(MANIFEST, event) == []
+            found.append((event, key))
 
 
 @pytest.fixture
