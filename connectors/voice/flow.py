@@ -63,7 +63,8 @@ class _Action(BaseModel):
 class Say(_Action):
     """Speak ``text`` (text to speech)."""
 
-    say: str = Field(min_length=1, max_length=4096)
+    #: At most 1500 characters (NCCO talk's limit; TwiML Say allows 4096).
+    say: str = Field(min_length=1, max_length=1500)
     language: str | None = None
     loop: int = Field(default=1, ge=1, le=100)
 
@@ -92,8 +93,8 @@ class GatherSpec(BaseModel):
 
     input: list[InputKind] = Field(default=[InputKind.DTMF], min_length=1)
     prompt: list[Prompt] = []
-    #: Seconds to wait for input.
-    timeout: int = Field(default=5, ge=1, le=60)
+    #: Seconds to wait for input (NCCO dtmf timeOut allows at most 10).
+    timeout: int = Field(default=5, ge=1, le=10)
     #: Digits to collect (a single-key menu is 1).
     num_digits: int | None = Field(default=None, ge=1, le=20)
     #: ``#`` ends digit entry.
@@ -133,9 +134,10 @@ class RecordSpec(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    max_length: int = Field(default=120, ge=1, le=7200)
-    #: Seconds of silence that end the recording.
-    silence_timeout: int = Field(default=5, ge=1, le=10)
+    #: Seconds (NCCO record timeOut: 3..7200).
+    max_length: int = Field(default=120, ge=3, le=7200)
+    #: Seconds of silence that end the recording (NCCO record endOnSilence: 3..10).
+    silence_timeout: int = Field(default=5, ge=3, le=10)
     #: A key ends the recording (``#``).
     finish_on_key: Literal["#", "*", "0", "1", "2", "3", "4", "5", "6", "7", "8", "9"] | None = "#"
     beep: bool = True
@@ -558,9 +560,19 @@ def _ncco_number(e164: str) -> str:
 
 
 def render_ncco(
-    flows: VoiceFlows, flow: str, step: str, urls: CallbackUrls
+    flows: VoiceFlows,
+    flow: str,
+    step: str,
+    urls: CallbackUrls,
+    *,
+    from_number: str | None = None,
 ) -> list[dict[str, Any]]:
-    """The NCCO (list of actions) of one step, with goto/record.then inlined."""
+    """The NCCO (list of actions) of one step, with goto/record.then inlined.
+
+    ``from_number`` (E.164, the called number of an inbound call) is the caller
+    id of a forward without its own ``caller_id``: a connect to a phone needs a
+    ``from`` (or ``randomFromNumber``), while TwiML's Dial defaults to the caller.
+    """
     found, _ = flows.step(flow, step)
     ncco: list[dict[str, Any]] = []
     for name in _inline_chain(found, step):
@@ -625,8 +637,11 @@ def render_ncco(
                     "endpoint": [endpoint],
                     "timeout": spec_f.timeout,
                 }
-                if spec_f.caller_id:
-                    connect["from"] = _ncco_number(spec_f.caller_id)
+                caller_id = spec_f.caller_id or from_number
+                if caller_id:
+                    connect["from"] = _ncco_number(caller_id)
+                else:
+                    connect["randomFromNumber"] = True
                 ncco.append(connect)
             elif isinstance(action, Enqueue):
                 conversation: dict[str, Any] = {

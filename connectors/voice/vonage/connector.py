@@ -185,7 +185,8 @@ class VonageVoiceConnector:
         uuid = mapping.required(body, "uuid")
         flow = self._flows.flow_for("+" + mapping.required(body, "to").lstrip("+"))
         start = self._flows.flows[flow].start
-        ncco = render_ncco(self._flows, flow, start, self._urls(key, uuid))
+        called = "+" + mapping.required(body, "to").lstrip("+")
+        ncco = render_ncco(self._flows, flow, start, self._urls(key, uuid), from_number=called)
         event = mapping.call_event(
             {**body, "status": "answered"},
             account=key,
@@ -219,7 +220,13 @@ class VonageVoiceConnector:
         target = gather.gather.route(event.call.dtmf, event.call.speech)
         # No route and no default: an empty NCCO ends the call.
         ncco = (
-            render_ncco(self._flows, flow, target, self._urls(key, event.call.call_id))
+            render_ncco(
+                self._flows,
+                flow,
+                target,
+                self._urls(key, event.call.call_id),
+                from_number=event.call.to if event.call.to.startswith("+") else None,
+            )
             if target
             else []
         )

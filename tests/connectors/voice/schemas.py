@@ -3,8 +3,10 @@
 TwiML (https://www.twilio.com/docs/voice/twiml): which verbs may appear in a
 ``<Response>`` and inside ``<Gather>``/``<Dial>``, and each verb's documented
 attributes. NCCO (https://developer.vonage.com/en/voice/voice-api/ncco-reference):
-each action's documented fields, with their JSON types. Anything undocumented
-fails, so a renderer cannot invent an attribute or field a provider ignores.
+each action's documented fields, with their JSON types and the value ranges
+Vonage's own Python SDK models (``vonage_voice.models.ncco``/``input_types``)
+enforce. Anything undocumented fails, so a renderer cannot invent an attribute
+or field a provider ignores or rejects.
 """
 
 from __future__ import annotations
@@ -231,17 +233,29 @@ def check_ncco(ncco: Any) -> list[dict[str, Any]]:
                 assert isinstance(url, str)
                 assert url.startswith(("http://", "https://"))
         if kind == "talk":
-            assert action["text"]
+            assert 0 < len(action["text"]) <= 1500
+            assert action.get("loop", 1) >= 0
         if kind == "input":
             assert action["type"]
             assert set(action["type"]) <= {"dtmf", "speech"}
-            _check_fields("input.dtmf", action.get("dtmf", {}), dict(_DTMF))
-            _check_fields("input.speech", action.get("speech", {}), dict(_SPEECH))
+            dtmf, speech = action.get("dtmf", {}), action.get("speech", {})
+            _check_fields("input.dtmf", dtmf, dict(_DTMF))
+            _check_fields("input.speech", speech, dict(_SPEECH))
+            assert 0 <= dtmf.get("timeOut", 0) <= 10
+            assert 1 <= dtmf.get("maxDigits", 1) <= 20
+            assert 0.4 <= speech.get("endOnSilence", 1) <= 10
+            assert 1 <= speech.get("startTimeout", 1) <= 60
         if kind == "record":
             assert action.get("format", "mp3") in {"mp3", "wav", "ogg"}
+            assert 3 <= action.get("endOnSilence", 3) <= 10
+            assert 3 <= action.get("timeOut", 3) <= 7200
+            assert action.get("endOnKey", "#") in set("0123456789#*")
             _check_fields("record.transcription", action.get("transcription", {}), _TRANSCRIPTION)
         if kind == "connect":
             assert action["endpoint"], "connect needs an endpoint"
+            # Exactly one of a caller id and a random one of our numbers.
+            assert ("from" in action) != bool(action.get("randomFromNumber"))
+            assert action.get("limit", 0) <= 7200
             for endpoint in action["endpoint"]:
                 shape = _ENDPOINTS.get(endpoint.get("type"))
                 assert shape is not None, f"unknown endpoint type {endpoint.get('type')!r}"

@@ -140,9 +140,13 @@ def test_forward_targets(flows: VoiceFlows) -> None:
         {"type": "phone", "number": "447700900123"}
     ]
     assert render_ncco(flows, "support", "sales", urls)[0]["from"] == "14155550100"
-    assert render_ncco(flows, "support", "support_sip", urls)[0]["endpoint"] == [
-        {"type": "sip", "uri": "sip:support@pbx.example.com"}
-    ]
+    sip_connect = render_ncco(flows, "support", "support_sip", urls)[0]
+    assert sip_connect["endpoint"] == [{"type": "sip", "uri": "sip:support@pbx.example.com"}]
+    # Without a caller id of its own, the called number (ours) is the caller id.
+    assert sip_connect["randomFromNumber"] is True
+    with_from = render_ncco(flows, "support", "support_sip", urls, from_number="+14155550100")[0]
+    assert with_from["from"] == "14155550100"
+    assert "randomFromNumber" not in check_ncco([with_from])[0]
 
 
 def test_record_with_transcription(flows: VoiceFlows) -> None:
@@ -253,6 +257,21 @@ def test_flow_for_number(flows: VoiceFlows) -> None:
             "exactly one kind",
         ),
         ('numbers: {"not a number": f}\nflows: {f: {start: a, steps: {a: [hangup]}}}', "numbers"),
+        (
+            'numbers: {"+14155550100": f}\n'
+            "flows: {f: {start: a, steps: {a: [{gather: {timeout: 30}}]}}}",
+            "less than or equal to 10",
+        ),
+        (
+            'numbers: {"+14155550100": f}\n'
+            "flows: {f: {start: a, steps: {a: [{record: {silence_timeout: 1}}]}}}",
+            "greater than or equal to 3",
+        ),
+        (
+            'numbers: {"+14155550100": f}\n'
+            f"flows: {{f: {{start: a, steps: {{a: [{{say: {'x' * 1501}}}]}}}}}}",
+            "at most 1500",
+        ),
     ],
 )
 def test_invalid_flows_are_config_errors(yaml_text: str, message: str) -> None:
