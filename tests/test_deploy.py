@@ -25,6 +25,7 @@ import pytest
 import yaml
 from pydantic import BaseModel
 
+from connectors.email.settings import MimeCaps
 from gateway.contract import registry
 from gateway.contract.errors import ConfigError
 from gateway.ledger.ingest import DEFAULT_QUEUE as STATUS_QUEUE
@@ -72,6 +73,7 @@ def _secret_refs(node: Any) -> Iterator[tuple[str, str]]:
 
 #: Each connector service and the channels it hosts (``channel-gateway run <service>``).
 SERVICE_CHANNELS = {
+    "email": ("email",),
     "sms": ("sms",),
     "social": ("whatsapp", "messenger", "instagram", "telegram"),
 }
@@ -178,9 +180,32 @@ def test_example_config_loads_and_every_connector_validates(
     keys = [a.private_key for a in vonage.accounts.values() if a.private_key is not None]
     assert keys[0].get_secret_value().startswith("-----BEGIN PRIVATE KEY-----")
 
+    # Email: a listener and a relay; an IMAP mailbox whose password comes from a file.
+    smtp: Any = resolved.connector_settings(registry.load("email.smtp"), secret_env)
+    assert smtp.inbound is not None
+    assert smtp.submission is not None
+    assert smtp.submission.password.get_secret_value() == secret_env["SMTP_RELAY_PASSWORD"]
+    imap: Any = resolved.connector_settings(registry.load("email.imap"), secret_env)
+    archive = settings.connectors["email.imap"]["mailboxes"]["archive"]["password"]["file"]
+    assert imap.mailboxes["archive"].password.get_secret_value() == (
+        secret_files[archive].read_text().strip()
+    )
+
 
 def _keys_of(model: type[BaseModel]) -> set[str]:
     return set(model.model_fields)
+
+
+def _model_of(annotation: Any) -> type[BaseModel]:
+    """The settings model an annotation names (``Model`` or ``Model | None``)."""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    (model,) = [
+        a
+        for a in getattr(annotation, "__args__", ())
+        if isinstance(a, type) and issubclass(a, BaseModel)
+    ]
+    return model
 
 
 def test_example_config_lists_every_key_with_its_default(example_raw: dict[str, Any]) -> None:
@@ -205,16 +230,26 @@ def test_example_config_lists_every_key_with_its_default(example_raw: dict[str, 
     for name, section in example_raw["connectors"].items():
         spec = registry.load(name)
         assert set(section) - {"enabled"} == _keys_of(spec.settings), name
-        # Accounts are "accounts", or "bots" for Telegram.
-        (accounts,) = {"accounts", "bots"} & set(spec.settings.model_fields)
-        account_model = spec.settings.model_fields[accounts].annotation
-        account_type = account_model.__args__[1]  # type: ignore[union-attr]
-        # Every account key appears in at least one account (the accounts show alternatives).
-        shown = set().union(*(set(a) for a in section[accounts].values()))
-        assert shown == _keys_of(account_type), f"{name}.{accounts}"
-        if isinstance(section.get("media"), dict):  # whatsapp.meta's media fetch caps
-            media_model: Any = spec.settings.model_fields["media"].annotation
-            assert set(section["media"]) == _keys_of(media_model), f"{name}.media"
+        # Accounts are "accounts", "bots" for Telegram, "mailboxes" for email.imap; email.smtp
+        # has none (one listener, one relay).
+        collections = {"accounts", "bots", "mailboxes"} & set(spec.settings.model_fields)
+        assert len(collections) <= 1, name
+        assert collections or name == "email.smtp", name
+        for accounts in collections:
+            account_model = spec.settings.model_fields[accounts].annotation
+            account_type = account_model.__args__[1]  # type: ignore[union-attr]
+            # Every account key appears in at least one account (the accounts show
+            # alternatives).
+            shown = set().union(*(set(a) for a in section[accounts].values()))
+            assert shown == _keys_of(account_type), f"{name}.{accounts}"
+        # Nested sections list every key: whatsapp.meta's media fetch caps, the email
+        # sections' hostile-mail caps, email.smtp's listener and relay.
+        for key in ("media", "mime", "inbound", "submission"):
+            if isinstance(section.get(key), dict):
+                nested = _model_of(spec.settings.model_fields[key].annotation)
+                assert set(section[key]) == _keys_of(nested), f"{name}.{key}"
+        if "mime" in section:  # shown at its defaults, as the comments say
+            assert MimeCaps.model_validate(section["mime"]) == MimeCaps(), f"{name}.mime"
 
 
 def test_example_config_holds_no_literal_secret(example_raw: dict[str, Any]) -> None:
@@ -471,7 +506,7 @@ def test_compose_wires_broker_redis_and_the_connector_services(
 ) -> None:
     compose = yaml.safe_load((DEPLOY / "compose.yaml").read_text())
     services = compose["services"]
-    assert set(services) == {"rabbitmq", "redis", "sms", "social", "postgres", "gateway"}
+    assert set(services) == {"rabbitmq", "redis", "sms", "social", "email", "postgres", "gateway"}
     port = HttpSettings().port
     # Each service hosts connectors the example configures.
     hosted = {n.split(".")[0] for n in example_raw["connectors"]} & set(SERVICE_CHANNELS[service])
@@ -487,9 +522,9 @@ def test_compose_wires_broker_redis_and_the_connector_services(
     assert env["CHANNEL_GATEWAY__BROKER__URL"].endswith("@rabbitmq:5672/")
     assert env["CHANNEL_GATEWAY__DEDUP__URL"].startswith("redis://redis:")
     assert f"127.0.0.1:{port}/healthz" in " ".join(connector["healthcheck"]["test"])
-    # Each service its own host port, the container port the runtime's.
-    (mapping,) = connector["ports"]
-    assert mapping.endswith(f":{port}")
+    # Each service its own host port, the container port the runtime's (listed first).
+    (mapping,) = [m for m in connector["ports"] if m.endswith(f":{port}")]
+    assert connector["ports"][0] == mapping
     assert len({services[s]["ports"][0].split(":")[0] for s in SERVICE_CHANNELS}) == len(
         SERVICE_CHANNELS
     )
@@ -577,6 +612,62 @@ def test_kubernetes_probes_ports_and_secrets_match_the_runtime(
     kustomization = yaml.safe_load((DEPLOY / "k8s" / "kustomization.yaml").read_text())
     listed = set(kustomization["resources"])
     assert listed == {p.name for p in (DEPLOY / "k8s").glob("*.yaml")} - {"kustomization.yaml"}
+
+
+def test_email_service_publishes_smtp_and_keeps_imap_state(example_raw: dict[str, Any]) -> None:
+    """The email service's extras: the SMTP port the listener binds, published on 25 (compose
+    and Kubernetes), the IMAP state directory on a volume, the TLS files mounted, and a webhook
+    body cap that lets the providers' inbound mails through."""
+    email = example_raw["connectors"]
+    inbound = email["email.smtp"]["inbound"]
+    smtp_port = inbound["port"]
+    assert smtp_port > 1024  # the containers run as non-root
+    state_dir = email["email.imap"]["state_dir"]
+    tls_files = {inbound["tls_cert_file"], inbound["tls_key_file"]}
+    largest = max(
+        email[name]["max_message_bytes"]
+        for name in ("email.sendgrid", "email.mailgun", "email.postmark")
+    )
+
+    service = yaml.safe_load((DEPLOY / "compose.yaml").read_text())["services"]["email"]
+    assert f"25:{smtp_port}" in service["ports"]
+    mounts = {m.split(":")[1]: m.split(":")[0] for m in service["volumes"]}
+    assert tls_files <= set(mounts)
+    state_volume = mounts[state_dir]
+    assert not state_volume.startswith(".")  # a named volume, kept across restarts
+    compose = yaml.safe_load((DEPLOY / "compose.yaml").read_text())
+    assert state_volume in compose["volumes"]
+    assert int(service["environment"]["CHANNEL_GATEWAY__HTTP__MAX_BODY_BYTES"]) > largest
+    dockerfile = (DEPLOY / "Dockerfile").read_text()
+    assert f"install -d -o 10001 -g 10001 {state_dir}" in dockerfile  # the volume's owner
+
+    docs = _k8s("email")
+    pod = docs["Deployment"]["spec"]["template"]["spec"]
+    (container,) = pod["containers"]
+    ports = {p["name"]: p["containerPort"] for p in container["ports"]}
+    assert ports["smtp"] == smtp_port
+    env = {e["name"]: e for e in container["env"]}
+    assert int(env["CHANNEL_GATEWAY__HTTP__MAX_BODY_BYTES"]["value"]) > largest
+    volume_mounts = {m["mountPath"]: m["name"] for m in container["volumeMounts"]}
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    assert "emptyDir" in volumes[volume_mounts[state_dir]]
+    for path in tls_files:
+        directory, filename = path.rsplit("/", 1)
+        assert "secret" in volumes[volume_mounts[directory]]
+        assert filename in ("tls.crt", "tls.key")  # the keys of a kubernetes.io/tls Secret
+    # The SMTP Service: port 25 to the container's smtp port, selecting the email pods.
+    labels = docs["Deployment"]["spec"]["template"]["metadata"]["labels"]
+    (smtp_service,) = [
+        doc
+        for doc in _load_all(DEPLOY / "k8s" / "email-service.yaml")
+        if doc["metadata"]["labels"]["app.kubernetes.io/component"] == "email-smtp"
+    ]
+    assert smtp_service["spec"]["selector"].items() <= labels.items()
+    (port,) = smtp_service["spec"]["ports"]
+    assert (port["port"], port["targetPort"]) == (25, "smtp")
+    # No other component's selector catches email pods.
+    for other in ("sms", "social"):
+        assert not _k8s(other)["Service"]["spec"]["selector"].items() <= labels.items()
 
 
 def test_compose_broker_user_file_is_valid_definitions(tmp_path: Path) -> None:
