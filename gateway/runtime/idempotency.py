@@ -9,6 +9,7 @@ it again. The in-memory store serves one process; the Redis store
 from __future__ import annotations
 
 import enum
+import heapq
 import time
 from dataclasses import dataclass
 from typing import Protocol
@@ -67,11 +68,16 @@ def _claim_from(value: str | None) -> Claim:
 class MemoryIdempotencyStore:
     """One process's store; forgets on restart (use Redis for replicas)."""
 
-    _SWEEP_EVERY = 1024
-
     def __init__(self) -> None:
         self._data: dict[str, tuple[str, float]] = {}
-        self._ops = 0
+        # Expiry times in a heap, so each operation drops what has expired in
+        # O(log n) instead of a periodic scan of every key (a latency spike
+        # that grows with the store). Entries rewritten since are skipped.
+        self._expiry: list[tuple[float, str]] = []
+
+    def _set(self, key: str, value: str, expires: float) -> None:
+        self._data[key] = (value, expires)
+        heapq.heappush(self._expiry, (expires, key))
 
     def _get(self, key: str, now: float) -> str | None:
         item = self._data.get(key)
@@ -83,23 +89,24 @@ class MemoryIdempotencyStore:
         return item[0]
 
     def _sweep(self, now: float) -> None:
-        self._ops += 1
-        if self._ops % self._SWEEP_EVERY == 0:
-            expired = [k for k, (_, exp) in self._data.items() if exp <= now]
-            for key in expired:
-                del self._data[key]
+        expiry, data = self._expiry, self._data
+        while expiry and expiry[0][0] <= now:
+            expires, key = heapq.heappop(expiry)
+            item = data.get(key)
+            if item is not None and item[1] == expires:
+                del data[key]
 
     async def claim(self, key: str, *, ttl: float) -> Claim:
         now = time.monotonic()
         self._sweep(now)
         value = self._get(key, now)
         if value is None:
-            self._data[key] = (PENDING, now + ttl)
+            self._set(key, PENDING, now + ttl)
             return Claim(ClaimState.NEW)
         return _claim_from(value)
 
     async def complete(self, key: str, value: str, *, ttl: float) -> None:
-        self._data[key] = (value, time.monotonic() + ttl)
+        self._set(key, value, time.monotonic() + ttl)
 
     async def release(self, key: str) -> None:
         if self._get(key, time.monotonic()) == PENDING:
@@ -107,6 +114,7 @@ class MemoryIdempotencyStore:
 
     async def close(self) -> None:
         self._data.clear()
+        self._expiry.clear()
 
     def __len__(self) -> int:
         return len(self._data)

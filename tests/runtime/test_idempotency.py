@@ -120,3 +120,16 @@ def test_open_store() -> None:
     assert isinstance(open_store("redis://127.0.0.1:6379/15"), RedisIdempotencyStore)
     with pytest.raises(ConfigError, match="unsupported dedup store URL 'mysql://x'"):
         open_store("mysql://x")
+
+
+async def test_memory_store_forgets_expired_keys_without_scanning_them_all() -> None:
+    store = MemoryIdempotencyStore()
+    for n in range(100):
+        await store.claim(f"short-{n}", ttl=0.01)
+    await store.claim("long", ttl=60)
+    await store.complete("short-0", "rewritten", ttl=60)  # a rewrite outlives its first expiry
+    await asyncio.sleep(0.02)
+    await store.claim("trigger", ttl=60)  # any operation drops what has expired
+    assert len(store) == 3
+    assert (await store.claim("short-0", ttl=1)).value == "rewritten"
+    assert (await store.claim("short-1", ttl=1)).state is ClaimState.NEW
