@@ -16,6 +16,7 @@ GSM7_BASIC = frozenset(
     "¡ABCDEFGHIJKLMNOPQRSTUVWXYZÄÖÑÜ§¿abcdefghijklmnopqrstuvwxyzäöñüà"
 )
 GSM7_EXTENSION = frozenset("^{}\\[~]|€\f")
+GSM7_ALL = GSM7_BASIC | GSM7_EXTENSION
 
 
 @dataclass(frozen=True, slots=True)
@@ -31,8 +32,12 @@ class SmsEncoding:
 
 def analyze(text: str) -> SmsEncoding:
     """Encoding, length in units, and number of segments of ``text``."""
-    if all(c in GSM7_BASIC or c in GSM7_EXTENSION for c in text):
-        units = sum(2 if c in GSM7_EXTENSION else 1 for c in text)
+    # Set operations rather than a loop per character: this runs for every
+    # inbound and outbound text.
+    chars = set(text)
+    if chars <= GSM7_ALL:
+        extended = chars & GSM7_EXTENSION
+        units = len(text) + (sum(text.count(c) for c in extended) if extended else 0)
         single, multi, encoding = 160, 153, "GSM-7"
     else:
         units = len(text.encode("utf-16-le")) // 2

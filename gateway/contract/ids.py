@@ -8,6 +8,7 @@ consumer can always dedupe on it too.
 from __future__ import annotations
 
 import uuid
+from functools import lru_cache
 
 #: Namespace of every id the gateway derives (uuid5).
 NAMESPACE = uuid.UUID("6f1c2b8e-3f0a-5d7c-9a41-2f6e0c1d7b3a")
@@ -33,6 +34,7 @@ def new_id() -> str:
     return str(uuid.uuid4())
 
 
+@lru_cache(maxsize=65536)  # the same pairs keep talking; uuid5 is a hash per call
 def conversation_id(channel: str, business_address: str, customer_address: str) -> str:
     """Stable id of the conversation between one of our addresses and a customer."""
     return str(

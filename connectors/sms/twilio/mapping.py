@@ -112,14 +112,15 @@ def inbound_message(
         message.text.CopyFrom(Text(body=body, format=TextFormat.TEXT_FORMAT_PLAIN))
     else:
         message.media.CopyFrom(Media(kind=media_kind(message.attachments[0].content_type)))
+    received = _timestamp(received_at)
     event = Event(
         id=inbound_event_id(PROVIDER, account, "message", sid),
         type="message.received",
         channel=CHANNEL,
         provider=PROVIDER,
         account=account,
-        received_at=_timestamp(received_at),
-        occurred_at=_timestamp(received_at),
+        received_at=received,
+        occurred_at=received,
         conversation_id=conversation_id(CHANNEL, recipient, sender),
         raw=raw,
         message=message,
