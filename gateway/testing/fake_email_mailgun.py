@@ -12,22 +12,12 @@ from __future__ import annotations
 import asyncio
 import base64
 import uuid
-from collections import deque
-from dataclasses import dataclass, field
-from typing import Any
+from dataclasses import dataclass
 
 from aiohttp import web
 from multidict import MultiDict
 
-
-@dataclass(frozen=True, kw_only=True)
-class ScriptedAnswer:
-    """One scripted answer to the next send."""
-
-    status: int
-    body: dict[str, Any] = field(default_factory=dict)
-    headers: dict[str, str] = field(default_factory=dict)
-    delay: float = 0.0
+from gateway.testing.fake_server import FakeProviderServer, ScriptedAnswer
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -40,18 +30,18 @@ class RecordedSend:
     login: str
 
 
-class FakeMailgun:
+class FakeMailgun(FakeProviderServer):
     """Fake Mailgun API on 127.0.0.1 (random port)."""
 
-    def __init__(self) -> None:
-        self.calls: list[RecordedSend] = []
-        self._script: deque[ScriptedAnswer] = deque()
-        self._runner: web.AppRunner | None = None
-        self.url = ""
+    default_status = 200
+    client_max_size = 30 * 1024 * 1024
 
-    def answer_next(self, answer: ScriptedAnswer) -> None:
-        """Queue a scripted answer."""
-        self._script.append(answer)
+    def add_routes(self, router: web.UrlDispatcher) -> None:
+        router.add_post("/v3/{domain}/messages", self._send)
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls: list[RecordedSend] = []
 
     def rate_limit_next(self, retry_after: int = 1) -> None:
         """Answer the next send with 429 and Retry-After."""
@@ -77,23 +67,6 @@ class FakeMailgun:
         """Accept the next send but answer only after ``seconds``."""
         self.answer_next(ScriptedAnswer(status=200, delay=seconds))
 
-    async def start(self) -> None:
-        """Listen on a random port."""
-        app = web.Application(client_max_size=30 * 1024 * 1024)
-        app.router.add_post("/v3/{domain}/messages", self._send)
-        self._runner = web.AppRunner(app, access_log=None)
-        await self._runner.setup()
-        site = web.TCPSite(self._runner, "127.0.0.1", 0)
-        await site.start()
-        port = next(a[1] for a in self._runner.addresses if isinstance(a, tuple))
-        self.url = f"http://127.0.0.1:{port}"
-
-    async def stop(self) -> None:
-        """Stop the server."""
-        if self._runner is not None:
-            await self._runner.cleanup()
-            self._runner = None
-
     async def _send(self, request: web.Request) -> web.Response:
         domain = request.match_info["domain"]
         scheme, _, encoded = request.headers.get("Authorization", "").partition(" ")
@@ -111,7 +84,7 @@ class FakeMailgun:
             else:
                 fields.add(name, str(value))
         self.calls.append(RecordedSend(domain=domain, fields=fields, files=files, login=login))
-        answer = self._script.popleft() if self._script else ScriptedAnswer(status=200)
+        answer = self.next_answer()
         if answer.delay:
             await asyncio.sleep(answer.delay)
         if not login:

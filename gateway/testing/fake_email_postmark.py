@@ -11,22 +11,13 @@ from __future__ import annotations
 
 import asyncio
 import uuid
-from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
 from aiohttp import web
 
-
-@dataclass(frozen=True, kw_only=True)
-class ScriptedAnswer:
-    """One scripted answer to the next send."""
-
-    status: int
-    body: dict[str, Any] = field(default_factory=dict)
-    headers: dict[str, str] = field(default_factory=dict)
-    delay: float = 0.0
+from gateway.testing.fake_server import FakeProviderServer, ScriptedAnswer
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -37,18 +28,17 @@ class RecordedSend:
     token: str
 
 
-class FakePostmark:
+class FakePostmark(FakeProviderServer):
     """Fake Postmark API on 127.0.0.1 (random port)."""
 
-    def __init__(self) -> None:
-        self.calls: list[RecordedSend] = []
-        self._script: deque[ScriptedAnswer] = deque()
-        self._runner: web.AppRunner | None = None
-        self.url = ""
+    default_status = 200
 
-    def answer_next(self, answer: ScriptedAnswer) -> None:
-        """Queue a scripted answer."""
-        self._script.append(answer)
+    def add_routes(self, router: web.UrlDispatcher) -> None:
+        router.add_post("/email", self._send)
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls: list[RecordedSend] = []
 
     def rate_limit_next(self, retry_after: int = 1) -> None:
         """Answer the next send with 429 and Retry-After."""
@@ -77,23 +67,6 @@ class FakePostmark:
         """Accept the next send but answer only after ``seconds``."""
         self.answer_next(ScriptedAnswer(status=200, delay=seconds))
 
-    async def start(self) -> None:
-        """Listen on a random port."""
-        app = web.Application()
-        app.router.add_post("/email", self._send)
-        self._runner = web.AppRunner(app, access_log=None)
-        await self._runner.setup()
-        site = web.TCPSite(self._runner, "127.0.0.1", 0)
-        await site.start()
-        port = next(a[1] for a in self._runner.addresses if isinstance(a, tuple))
-        self.url = f"http://127.0.0.1:{port}"
-
-    async def stop(self) -> None:
-        """Stop the server."""
-        if self._runner is not None:
-            await self._runner.cleanup()
-            self._runner = None
-
     async def _send(self, request: web.Request) -> web.Response:
         token = request.headers.get("X-Postmark-Server-Token", "")
         try:
@@ -101,7 +74,7 @@ class FakePostmark:
         except ValueError:
             return web.json_response({"ErrorCode": 402, "Message": "Invalid JSON"}, status=422)
         self.calls.append(RecordedSend(payload=payload, token=token))
-        answer = self._script.popleft() if self._script else ScriptedAnswer(status=200)
+        answer = self.next_answer()
         if answer.delay:
             await asyncio.sleep(answer.delay)
         if not token:

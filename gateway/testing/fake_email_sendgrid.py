@@ -13,21 +13,12 @@ from __future__ import annotations
 
 import asyncio
 import secrets
-from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from aiohttp import web
 
-
-@dataclass(frozen=True, kw_only=True)
-class ScriptedAnswer:
-    """One scripted answer to the next send."""
-
-    status: int
-    body: dict[str, Any] = field(default_factory=dict)
-    headers: dict[str, str] = field(default_factory=dict)
-    delay: float = 0.0
+from gateway.testing.fake_server import FakeProviderServer, ScriptedAnswer
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -38,18 +29,17 @@ class RecordedSend:
     authorization: str
 
 
-class FakeSendGrid:
+class FakeSendGrid(FakeProviderServer):
     """Fake SendGrid Mail Send API on 127.0.0.1 (random port)."""
 
-    def __init__(self) -> None:
-        self.calls: list[RecordedSend] = []
-        self._script: deque[ScriptedAnswer] = deque()
-        self._runner: web.AppRunner | None = None
-        self.url = ""
+    default_status = 202
 
-    def answer_next(self, answer: ScriptedAnswer) -> None:
-        """Queue a scripted answer."""
-        self._script.append(answer)
+    def add_routes(self, router: web.UrlDispatcher) -> None:
+        router.add_post("/v3/mail/send", self._send)
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls: list[RecordedSend] = []
 
     def rate_limit_next(self, retry_after: int = 1) -> None:
         """Answer the next send with 429 and Retry-After."""
@@ -88,23 +78,6 @@ class FakeSendGrid:
         """Accept the next send but answer only after ``seconds``."""
         self.answer_next(ScriptedAnswer(status=202, delay=seconds))
 
-    async def start(self) -> None:
-        """Listen on a random port."""
-        app = web.Application()
-        app.router.add_post("/v3/mail/send", self._send)
-        self._runner = web.AppRunner(app, access_log=None)
-        await self._runner.setup()
-        site = web.TCPSite(self._runner, "127.0.0.1", 0)
-        await site.start()
-        port = next(a[1] for a in self._runner.addresses if isinstance(a, tuple))
-        self.url = f"http://127.0.0.1:{port}"
-
-    async def stop(self) -> None:
-        """Stop the server."""
-        if self._runner is not None:
-            await self._runner.cleanup()
-            self._runner = None
-
     async def _send(self, request: web.Request) -> web.Response:
         authorization = request.headers.get("Authorization", "")
         try:
@@ -112,7 +85,7 @@ class FakeSendGrid:
         except ValueError:
             return web.json_response({"errors": [{"message": "Bad Request"}]}, status=400)
         self.calls.append(RecordedSend(payload=payload, authorization=authorization))
-        answer = self._script.popleft() if self._script else ScriptedAnswer(status=202)
+        answer = self.next_answer()
         if answer.delay:
             await asyncio.sleep(answer.delay)
         if not authorization.startswith("Bearer "):

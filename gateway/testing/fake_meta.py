@@ -28,12 +28,12 @@ import hashlib
 import hmac
 import json
 import uuid
-from collections import deque
-from dataclasses import dataclass, field
-from types import TracebackType
-from typing import Any, Self
+from dataclasses import dataclass
+from typing import Any
 
 from aiohttp import web
+
+from gateway.testing.fake_server import FakeProviderServer, ScriptedAnswer
 
 GRAPH_VERSION = "v21.0"
 
@@ -57,16 +57,6 @@ def graph_error(code: int, message: str, *, kind: str = "OAuthException") -> dic
 
 
 @dataclass(frozen=True, kw_only=True)
-class ScriptedAnswer:
-    """One scripted answer to the next send call."""
-
-    status: int
-    body: dict[str, Any] = field(default_factory=dict)
-    headers: dict[str, str] = field(default_factory=dict)
-    delay: float = 0.0
-
-
-@dataclass(frozen=True, kw_only=True)
 class RecordedCall:
     """A request as the fake received it."""
 
@@ -76,10 +66,17 @@ class RecordedCall:
     token: str
 
 
-class FakeMeta:
+class FakeMeta(FakeProviderServer):
     """Fake Graph API on 127.0.0.1 (random port)."""
 
+    default_status = 200
+
+    def add_routes(self, router: web.UrlDispatcher) -> None:
+        router.add_post(f"/{self.version}/{{node}}/messages", self._send)
+        router.add_get(f"/{self.version}/{{node}}", self._media)
+
     def __init__(self, *, tokens: tuple[str, ...], version: str = GRAPH_VERSION) -> None:
+        super().__init__()
         self.tokens = tokens
         self.version = version
         #: Every send call (POST .../messages), in order.
@@ -87,15 +84,8 @@ class FakeMeta:
         #: Every media lookup (GET /<media-id>).
         self.media_lookups: list[RecordedCall] = []
         self.media: dict[str, dict[str, Any]] = {}
-        self._script: deque[ScriptedAnswer] = deque()
-        self._runner: web.AppRunner | None = None
-        self.url = ""
 
     # -- scripting ---------------------------------------------------------------
-
-    def answer_next(self, answer: ScriptedAnswer) -> None:
-        """Queue an answer for the next send call."""
-        self._script.append(answer)
 
     def rate_limit_next(self, retry_after: int = 1) -> None:
         """429 with Retry-After and Meta's throttling code 130429."""
@@ -140,36 +130,6 @@ class FakeMeta:
 
     # -- server ------------------------------------------------------------------
 
-    async def start(self) -> None:
-        """Listen on 127.0.0.1 with a random port."""
-        app = web.Application()
-        app.router.add_post(f"/{self.version}/{{node}}/messages", self._send)
-        app.router.add_get(f"/{self.version}/{{node}}", self._media)
-        self._runner = web.AppRunner(app, access_log=None)
-        await self._runner.setup()
-        site = web.TCPSite(self._runner, "127.0.0.1", 0)
-        await site.start()
-        port = next(a[1] for a in self._runner.addresses if isinstance(a, tuple))
-        self.url = f"http://127.0.0.1:{port}"
-
-    async def stop(self) -> None:
-        """Stop the server."""
-        if self._runner is not None:
-            await self._runner.cleanup()
-            self._runner = None
-
-    async def __aenter__(self) -> Self:
-        await self.start()
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.stop()
-
     def _token(self, request: web.Request) -> str | None:
         scheme, _, token = request.headers.get("Authorization", "").partition(" ")
         if scheme != "Bearer":
@@ -192,7 +152,7 @@ class FakeMeta:
         )
         if token is None:
             return web.json_response(graph_error(190, "Invalid OAuth access token"), status=401)
-        answer = self._script.popleft() if self._script else ScriptedAnswer(status=200)
+        answer = self.next_answer()
         if answer.delay:
             await asyncio.sleep(answer.delay)
         if answer.status != 200:

@@ -18,12 +18,12 @@ import hmac
 import itertools
 import json
 import time
-from collections import deque
-from dataclasses import dataclass, field
-from types import TracebackType
-from typing import Any, Self
+from dataclasses import dataclass
+from typing import Any
 
 from aiohttp import web
+
+from gateway.testing.fake_server import FakeProviderServer, ScriptedAnswer
 
 SEND_METHODS = frozenset(
     {
@@ -47,15 +47,6 @@ def update_headers(secret_token: str) -> dict[str, str]:
 
 
 @dataclass(frozen=True, kw_only=True)
-class ScriptedAnswer:
-    """One scripted answer to the next call."""
-
-    status: int
-    body: dict[str, Any] = field(default_factory=dict)
-    delay: float = 0.0
-
-
-@dataclass(frozen=True, kw_only=True)
 class RecordedCall:
     """A Bot API call as the fake received it."""
 
@@ -71,27 +62,26 @@ def _error(code: int, description: str, **parameters: Any) -> dict[str, Any]:
     return body
 
 
-class FakeTelegram:
+class FakeTelegram(FakeProviderServer):
     """Fake Bot API on 127.0.0.1 (random port)."""
 
+    default_status = 200
+
+    def add_routes(self, router: web.UrlDispatcher) -> None:
+        router.add_post("/bot{token}/{method}", self._call)
+
     def __init__(self, *, tokens: tuple[str, ...], bot_id: int = 7000000001) -> None:
+        super().__init__()
         self.tokens = tokens
         self.bot_id = bot_id
         #: Every call with a known token, in order (setWebhook included).
         self.all_calls: list[RecordedCall] = []
-        self._script: deque[ScriptedAnswer] = deque()
         self._ids = itertools.count(100)
-        self._runner: web.AppRunner | None = None
-        self.url = ""
 
     @property
     def calls(self) -> list[RecordedCall]:
         """The send calls (every method but webhook management)."""
         return [c for c in self.all_calls if c.method not in ("setWebhook", "deleteWebhook")]
-
-    def answer_next(self, answer: ScriptedAnswer) -> None:
-        """Queue an answer for the next call."""
-        self._script.append(answer)
 
     def rate_limit_next(self, retry_after: int = 1) -> None:
         """429 with ``parameters.retry_after``."""
@@ -118,35 +108,6 @@ class FakeTelegram:
         """Answer the next call only after ``seconds``."""
         self.answer_next(ScriptedAnswer(status=200, delay=seconds))
 
-    async def start(self) -> None:
-        """Listen on 127.0.0.1 with a random port."""
-        app = web.Application()
-        app.router.add_post("/bot{token}/{method}", self._call)
-        self._runner = web.AppRunner(app, access_log=None)
-        await self._runner.setup()
-        site = web.TCPSite(self._runner, "127.0.0.1", 0)
-        await site.start()
-        port = next(a[1] for a in self._runner.addresses if isinstance(a, tuple))
-        self.url = f"http://127.0.0.1:{port}"
-
-    async def stop(self) -> None:
-        """Stop the server."""
-        if self._runner is not None:
-            await self._runner.cleanup()
-            self._runner = None
-
-    async def __aenter__(self) -> Self:
-        await self.start()
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.stop()
-
     async def _call(self, request: web.Request) -> web.Response:
         token, method = request.match_info["token"], request.match_info["method"]
         if not any(hmac.compare_digest(token.encode(), t.encode()) for t in self.tokens):
@@ -158,7 +119,7 @@ class FakeTelegram:
         if not isinstance(params, dict):
             return web.json_response(_error(400, "Bad Request: no JSON object"), status=400)
         self.all_calls.append(RecordedCall(method=method, params=params, token=token))
-        answer = self._script.popleft() if self._script else ScriptedAnswer(status=200)
+        answer = self.next_answer()
         if answer.delay:
             await asyncio.sleep(answer.delay)
         if answer.status != 200:

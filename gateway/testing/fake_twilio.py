@@ -12,29 +12,14 @@ Use it by pointing ``connectors.sms.twilio.api_base_url`` at :attr:`url`.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import uuid
-from collections import deque
-from dataclasses import dataclass, field
-from types import TracebackType
-from typing import Self
+from dataclasses import dataclass
 
-import aiohttp
 from aiohttp import web
 from multidict import MultiDict
 
 from connectors.sms.twilio.webhooks import SIGNATURE_HEADER, compute_signature
-
-
-@dataclass(frozen=True, kw_only=True)
-class ScriptedAnswer:
-    """One scripted answer to the next create-message call."""
-
-    status: int
-    body: dict[str, object] = field(default_factory=dict)
-    headers: dict[str, str] = field(default_factory=dict)
-    #: Sleep this long before answering (longer than the client timeout = a hang).
-    delay: float = 0.0
+from gateway.testing.fake_server import FakeProviderServer, ScriptedAnswer
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -46,8 +31,13 @@ class RecordedCall:
     authorization: str
 
 
-class FakeTwilio:
+class FakeTwilio(FakeProviderServer):
     """Fake Twilio API on 127.0.0.1 (random port)."""
+
+    default_status = 201
+
+    def add_routes(self, router: web.UrlDispatcher) -> None:
+        router.add_post("/2010-04-01/Accounts/{sid}/Messages.json", self._create)
 
     def __init__(
         self,
@@ -56,22 +46,14 @@ class FakeTwilio:
         callback_statuses: tuple[str, ...] = ("sent", "delivered"),
         callback_delay: float = 0.01,
     ) -> None:
+        super().__init__()
         self.auth_token = auth_token
         self.callback_statuses = callback_statuses
         self.callback_delay = callback_delay
         self.calls: list[RecordedCall] = []
         self.callbacks_sent: list[tuple[str, str, int]] = []
-        self._script: deque[ScriptedAnswer] = deque()
-        self._runner: web.AppRunner | None = None
-        self._tasks: set[asyncio.Task[None]] = set()
-        self._session: aiohttp.ClientSession | None = None
-        self.url = ""
 
     # -- scripting ---------------------------------------------------------------
-
-    def answer_next(self, answer: ScriptedAnswer) -> None:
-        """Queue a scripted answer for the next create-message call."""
-        self._script.append(answer)
 
     def rate_limit_next(self, retry_after: int = 1) -> None:
         """Answer the next call with 429 and a Retry-After header."""
@@ -103,42 +85,6 @@ class FakeTwilio:
 
     # -- server ------------------------------------------------------------------
 
-    async def start(self) -> None:
-        """Listen on 127.0.0.1 with a random port."""
-        app = web.Application()
-        app.router.add_post("/2010-04-01/Accounts/{sid}/Messages.json", self._create)
-        self._runner = web.AppRunner(app, access_log=None)
-        await self._runner.setup()
-        site = web.TCPSite(self._runner, "127.0.0.1", 0)
-        await site.start()
-        port = next(a[1] for a in self._runner.addresses if isinstance(a, tuple))
-        self.url = f"http://127.0.0.1:{port}"
-        self._session = aiohttp.ClientSession()
-
-    async def stop(self) -> None:
-        """Stop callbacks in flight and the server."""
-        for task in list(self._tasks):
-            task.cancel()
-        for task in list(self._tasks):
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
-        if self._session is not None:
-            await self._session.close()
-        if self._runner is not None:
-            await self._runner.cleanup()
-
-    async def __aenter__(self) -> Self:
-        await self.start()
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.stop()
-
     async def _create(self, request: web.Request) -> web.Response:
         form = MultiDict((await request.post()).items())
         form_str: MultiDict[str] = MultiDict((k, str(v)) for k, v in form.items())
@@ -150,7 +96,7 @@ class FakeTwilio:
                 authorization=request.headers.get("Authorization", ""),
             )
         )
-        answer = self._script.popleft() if self._script else ScriptedAnswer(status=201)
+        answer = self.next_answer()
         if answer.delay:
             await asyncio.sleep(answer.delay)
         if answer.status != 201:
@@ -175,9 +121,7 @@ class FakeTwilio:
         }
         callback = form_str.get("StatusCallback")
         if callback:
-            task = asyncio.create_task(self._play_callbacks(callback, sid, sid_account, form_str))
-            self._tasks.add(task)
-            task.add_done_callback(self._tasks.discard)
+            self.spawn(self._play_callbacks(callback, sid, sid_account, form_str))
         return web.json_response(resource, status=201)
 
     async def _play_callbacks(
@@ -219,8 +163,7 @@ class FakeTwilio:
         if error_code:
             params["ErrorCode"] = error_code
         signature = compute_signature(self.auth_token, url, {k: [v] for k, v in params.items()})
-        assert self._session is not None
-        async with self._session.post(
+        async with self.session.post(
             url, data=params, headers={SIGNATURE_HEADER: signature}
         ) as resp:
             self.callbacks_sent.append((sid, status, resp.status))

@@ -15,21 +15,20 @@ Use it by pointing ``connectors.sms.vonage.api_base_url`` at :attr:`url`.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import hashlib
 import hmac
 import json
 import time
 import uuid
-from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import UTC, datetime
-from types import TracebackType
-from typing import Any, Self
+from typing import Any
 
 import aiohttp
 import jwt
 from aiohttp import web
+
+from gateway.testing.fake_server import FakeProviderServer, ScriptedAnswer
 
 #: Status webhooks played back after an accepted SMS, in order.
 DEFAULT_STATUSES = ("submitted", "delivered")
@@ -68,17 +67,6 @@ def iso_now() -> str:
 
 
 @dataclass(frozen=True, kw_only=True)
-class ScriptedAnswer:
-    """One scripted answer to the next send call."""
-
-    status: int
-    body: dict[str, object] = field(default_factory=dict)
-    headers: dict[str, str] = field(default_factory=dict)
-    #: Sleep this long before answering (longer than the client timeout = a hang).
-    delay: float = 0.0
-
-
-@dataclass(frozen=True, kw_only=True)
 class RecordedCall:
     """A send request as the fake received it."""
 
@@ -107,8 +95,13 @@ def _problem(status: int, code: str, title: str, detail: str) -> ScriptedAnswer:
     )
 
 
-class FakeVonage:
+class FakeVonage(FakeProviderServer):
     """Fake Vonage Messages API on 127.0.0.1 (random port)."""
+
+    default_status = 202
+
+    def add_routes(self, router: web.UrlDispatcher) -> None:
+        router.add_post("/v1/messages", self._send)
 
     def __init__(
         self,
@@ -121,6 +114,7 @@ class FakeVonage:
         callback_statuses: tuple[str, ...] = DEFAULT_STATUSES,
         callback_delay: float = 0.01,
     ) -> None:
+        super().__init__()
         self.api_key = api_key
         self.api_secret = api_secret
         self.signature_secret = signature_secret
@@ -130,17 +124,8 @@ class FakeVonage:
         self.callback_delay = callback_delay
         self.calls: list[RecordedCall] = []
         self.callbacks_sent: list[SentCallback] = []
-        self._script: deque[ScriptedAnswer] = deque()
-        self._runner: web.AppRunner | None = None
-        self._tasks: set[asyncio.Task[None]] = set()
-        self._session: aiohttp.ClientSession | None = None
-        self.url = ""
 
     # -- scripting ---------------------------------------------------------------
-
-    def answer_next(self, answer: ScriptedAnswer) -> None:
-        """Queue a scripted answer for the next send call."""
-        self._script.append(answer)
 
     def rate_limit_next(self, retry_after: int = 1) -> None:
         """Answer the next call with 429 and a Retry-After header."""
@@ -166,42 +151,6 @@ class FakeVonage:
         self.answer_next(ScriptedAnswer(status=202, delay=seconds))
 
     # -- server ------------------------------------------------------------------
-
-    async def start(self) -> None:
-        """Listen on 127.0.0.1 with a random port."""
-        app = web.Application()
-        app.router.add_post("/v1/messages", self._send)
-        self._runner = web.AppRunner(app, access_log=None)
-        await self._runner.setup()
-        site = web.TCPSite(self._runner, "127.0.0.1", 0)
-        await site.start()
-        port = next(a[1] for a in self._runner.addresses if isinstance(a, tuple))
-        self.url = f"http://127.0.0.1:{port}"
-        self._session = aiohttp.ClientSession()
-
-    async def stop(self) -> None:
-        """Stop callbacks in flight and the server."""
-        for task in list(self._tasks):
-            task.cancel()
-        for task in list(self._tasks):
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
-        if self._session is not None:
-            await self._session.close()
-        if self._runner is not None:
-            await self._runner.cleanup()
-
-    async def __aenter__(self) -> Self:
-        await self.start()
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.stop()
 
     def _authorized(self, header: str) -> bool:
         scheme, _, value = header.partition(" ")
@@ -229,7 +178,7 @@ class FakeVonage:
         if not self._authorized(authorization):
             problem = _problem(401, "unauthorized", "Unauthorized", "Invalid credentials.")
             return web.json_response(problem.body, status=401)
-        answer = self._script.popleft() if self._script else ScriptedAnswer(status=202)
+        answer = self.next_answer()
         if answer.delay:
             await asyncio.sleep(answer.delay)
         if answer.status != 202:
@@ -243,9 +192,7 @@ class FakeVonage:
         message_uuid = str(uuid.uuid4())
         callback = body.get("webhook_url")
         if isinstance(callback, str) and callback:
-            task = asyncio.create_task(self._play_callbacks(callback, message_uuid, body))
-            self._tasks.add(task)
-            task.add_done_callback(self._tasks.discard)
+            self.spawn(self._play_callbacks(callback, message_uuid, body))
         return web.json_response({"message_uuid": message_uuid}, status=202)
 
     async def _play_callbacks(self, url: str, message_uuid: str, sent: dict[str, Any]) -> None:
@@ -327,8 +274,7 @@ class FakeVonage:
             api_key=self.api_key,
             application_id=self.application_id,
         )
-        assert self._session is not None, "start() the fake first"
-        async with self._session.post(url, data=body, headers=headers) as resp:
+        async with self.session.post(url, data=body, headers=headers) as resp:
             self.callbacks_sent.append(
                 SentCallback(message_uuid=message_uuid, status=status, http_status=resp.status)
             )
