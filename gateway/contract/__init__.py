@@ -2,6 +2,8 @@
 
 from gateway.contract.addresses import mask_email, mask_phone, normalize_phone
 from gateway.contract.connector import (
+    CallControl,
+    CallResult,
     Connector,
     ConnectorContext,
     ConnectorSpec,
@@ -30,6 +32,8 @@ __all__ = [
     "AmbiguousSendError",
     "AuthError",
     "BadRequestError",
+    "CallControl",
+    "CallResult",
     "ConfigError",
     "Connector",
     "ConnectorContext",

@@ -13,7 +13,9 @@ runtime dedupes the events on their ids, publishes them with confirms, and
 answers the provider with ``reply`` only once every event is confirmed.
 
 Outbound: the runtime consumes the connector's command queue and calls
-:meth:`Connector.send`; errors decide retries (see ``errors``).
+:meth:`Connector.send`; errors decide retries (see ``errors``). A voice
+connector that also implements :class:`CallControl` (and lists its actions in
+``manifest.call_actions``) gets a second queue of ``CallCommand``s.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ import aiohttp
 from multidict import MultiDict, MultiMapping
 from pydantic import BaseModel
 
+from gateway.api.v1.call_pb2 import CallCommand
 from gateway.api.v1.command_pb2 import SendMessageCommand
 from gateway.api.v1.connector_pb2 import ConnectorManifest
 from gateway.api.v1.delivery_pb2 import DeliveryState
@@ -128,6 +131,19 @@ class SendResult:
     attributes: Mapping[str, str] = field(default_factory=dict)
 
 
+@dataclass(frozen=True, kw_only=True)
+class CallResult:
+    """What a provider said when it accepted a :class:`CallCommand`."""
+
+    #: The provider's id of the call placed or controlled (e.g. a Twilio CallSid).
+    call_id: str
+    #: The account key that acted (the command may leave it to the default).
+    account: str
+    #: The provider's status of the call after the command, verbatim.
+    provider_status: str = ""
+    attributes: Mapping[str, str] = field(default_factory=dict)
+
+
 class Logger(Protocol):
     """The structured logger the runtime hands to connectors."""
 
@@ -186,6 +202,24 @@ class Connector(Protocol):
     async def send(self, command: SendMessageCommand) -> SendResult:
         """Send one message. Raises TransientError, PermanentError or
         AmbiguousSendError; the runtime decides retries from the type."""
+
+
+@runtime_checkable
+class CallControl(Protocol):
+    """A voice connector that places and controls calls.
+
+    Optional: the runtime consumes ``connector.<channel>.<provider>.call``
+    only for connectors that implement this and list their actions in
+    ``manifest.call_actions``.
+    """
+
+    async def call(self, command: CallCommand) -> CallResult:
+        """Execute one call command (``command.WhichOneof("action")``).
+
+        Raises TransientError (retried), PermanentError (e.g. the call is no
+        longer live: code ``call_not_in_progress``) or AmbiguousSendError
+        (the provider may have acted: a placed call is never placed twice).
+        """
 
 
 @dataclass(frozen=True, kw_only=True)

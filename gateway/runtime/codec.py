@@ -12,16 +12,18 @@ from datetime import UTC, datetime
 
 from google.protobuf.message import DecodeError
 
+from gateway.api.v1.call_pb2 import CallCommand
 from gateway.api.v1.command_pb2 import SendMessageCommand
 from gateway.api.v1.envelope_pb2 import Event
 from gateway.contract.errors import BadRequestError
 from gateway.runtime.bus import Delivery, HeaderValue, OutgoingMessage
 from gateway.runtime.telemetry import inject_trace_headers
-from gateway.runtime.topology import command_routing_key
+from gateway.runtime.topology import call_command_routing_key, command_routing_key
 
 CONTENT_TYPE = "application/protobuf"
 EVENT_TYPE_NAME = Event.DESCRIPTOR.full_name
 COMMAND_TYPE_NAME = SendMessageCommand.DESCRIPTOR.full_name
+CALL_COMMAND_TYPE_NAME = CallCommand.DESCRIPTOR.full_name
 CE_PREFIX = "cloudEvents_"
 #: CloudEvents ``type`` prefix: reverse-DNS of the project plus the event type.
 CE_TYPE_PREFIX = "io.channelgateway."
@@ -142,4 +144,42 @@ def decode_command(delivery: Delivery) -> SendMessageCommand:
         raise BadRequestError(f"undecodable command body: {exc}") from exc
     if not command.message_id or not command.channel or not command.provider:
         raise BadRequestError("command lacks message_id, channel or provider")
+    return command
+
+
+def encode_call_command(command: CallCommand) -> tuple[str, OutgoingMessage]:
+    """A call command and its routing key on ``channels.commands``."""
+    created = command.created_at.ToDatetime(tzinfo=UTC) if command.HasField("created_at") else None
+    headers = _ce_headers(
+        id=command.command_id,
+        source="/channel-gateway/gateway",
+        type=f"command.call.{command.channel}",
+        time=created,
+        correlation_id=command.correlation_id,
+        sequence=0,
+    )
+    inject_trace_headers(headers)
+    message = OutgoingMessage(
+        body=command.SerializeToString(),
+        message_id=command.command_id,
+        type=CALL_COMMAND_TYPE_NAME,
+        headers=headers,
+        timestamp=created,
+        correlation_id=command.correlation_id or None,
+    )
+    return call_command_routing_key(command.channel, command.provider), message
+
+
+def decode_call_command(delivery: Delivery) -> CallCommand:
+    """The call command in a delivery; a malformed or action-less body is a BadRequestError."""
+    _check_type(delivery, CALL_COMMAND_TYPE_NAME)
+    command = CallCommand()
+    try:
+        command.ParseFromString(delivery.body)
+    except DecodeError as exc:
+        raise BadRequestError(f"undecodable call command body: {exc}") from exc
+    if not command.command_id or not command.channel or not command.provider:
+        raise BadRequestError("call command lacks command_id, channel or provider")
+    if command.WhichOneof("action") is None:
+        raise BadRequestError("call command names no action")
     return command

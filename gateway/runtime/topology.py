@@ -120,6 +120,30 @@ def command_queue(channel: str, provider: str, delivery_limit: int) -> Queue:
     )
 
 
+def call_command_routing_key(channel: str, provider: str) -> str:
+    """Routing key of a ``CallCommand`` for one (voice) connector."""
+    return f"call.{channel}.{provider}"
+
+
+def call_command_queue_name(channel: str, provider: str) -> str:
+    """Name of a voice connector's call-command queue."""
+    return f"connector.{channel}.{provider}.call"
+
+
+def call_command_queue(channel: str, provider: str, delivery_limit: int) -> Queue:
+    """The quorum, dead-lettered call-command queue of one voice connector."""
+    return Queue(
+        name=call_command_queue_name(channel, provider),
+        bindings=(
+            Binding(
+                exchange=COMMANDS_EXCHANGE,
+                routing_key=call_command_routing_key(channel, provider),
+            ),
+        ),
+        delivery_limit=delivery_limit,
+    )
+
+
 def subscription_queue(name: str, patterns: Iterable[str], delivery_limit: int) -> Queue:
     """A downstream consumer's queue on ``channels.events``."""
     return Queue(

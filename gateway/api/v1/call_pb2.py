@@ -23,19 +23,40 @@ _sym_db = _symbol_database.Default()
 
 
 from google.protobuf import duration_pb2 as google_dot_protobuf_dot_duration__pb2
+from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 from gateway.api.v1 import content_pb2 as gateway_dot_api_dot_v1_dot_content__pb2
 from gateway.api.v1 import message_pb2 as gateway_dot_api_dot_v1_dot_message__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19gateway/api/v1/call.proto\x12\x0egateway.api.v1\x1a\x1egoogle/protobuf/duration.proto\x1a\x1cgateway/api/v1/content.proto\x1a\x1cgateway/api/v1/message.proto\"\xcb\x02\n\tCallEvent\x12\x0f\n\x07\x63\x61ll_id\x18\x01 \x01(\t\x12\x0c\n\x04\x66rom\x18\x02 \x01(\t\x12\n\n\x02to\x18\x03 \x01(\t\x12,\n\tdirection\x18\x04 \x01(\x0e\x32\x19.gateway.api.v1.Direction\x12(\n\x05state\x18\x05 \x01(\x0e\x32\x19.gateway.api.v1.CallState\x12\x17\n\x0fprovider_status\x18\x06 \x01(\t\x12+\n\x08\x64uration\x18\x07 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x0c\n\x04\x64tmf\x18\x08 \x01(\t\x12\x0e\n\x06speech\x18\t \x01(\t\x12-\n\trecording\x18\n \x01(\x0b\x32\x1a.gateway.api.v1.Attachment\x12\x15\n\rtranscription\x18\x0b \x01(\t\x12\x11\n\tflow_step\x18\x0c \x01(\t*\xeb\x01\n\tCallState\x12\x1a\n\x16\x43\x41LL_STATE_UNSPECIFIED\x10\x00\x12\x18\n\x14\x43\x41LL_STATE_INITIATED\x10\x01\x12\x16\n\x12\x43\x41LL_STATE_RINGING\x10\x02\x12\x17\n\x13\x43\x41LL_STATE_ANSWERED\x10\x03\x12\x18\n\x14\x43\x41LL_STATE_COMPLETED\x10\x04\x12\x13\n\x0f\x43\x41LL_STATE_BUSY\x10\x05\x12\x18\n\x14\x43\x41LL_STATE_NO_ANSWER\x10\x06\x12\x15\n\x11\x43\x41LL_STATE_FAILED\x10\x07\x12\x17\n\x13\x43\x41LL_STATE_CANCELED\x10\x08\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19gateway/api/v1/call.proto\x12\x0egateway.api.v1\x1a\x1egoogle/protobuf/duration.proto\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x1cgateway/api/v1/content.proto\x1a\x1cgateway/api/v1/message.proto\"\xcb\x02\n\tCallEvent\x12\x0f\n\x07\x63\x61ll_id\x18\x01 \x01(\t\x12\x0c\n\x04\x66rom\x18\x02 \x01(\t\x12\n\n\x02to\x18\x03 \x01(\t\x12,\n\tdirection\x18\x04 \x01(\x0e\x32\x19.gateway.api.v1.Direction\x12(\n\x05state\x18\x05 \x01(\x0e\x32\x19.gateway.api.v1.CallState\x12\x17\n\x0fprovider_status\x18\x06 \x01(\t\x12+\n\x08\x64uration\x18\x07 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x0c\n\x04\x64tmf\x18\x08 \x01(\t\x12\x0e\n\x06speech\x18\t \x01(\t\x12-\n\trecording\x18\n \x01(\x0b\x32\x1a.gateway.api.v1.Attachment\x12\x15\n\rtranscription\x18\x0b \x01(\t\x12\x11\n\tflow_step\x18\x0c \x01(\t\"\xc9\x04\n\x0b\x43\x61llCommand\x12\x12\n\ncommand_id\x18\x01 \x01(\t\x12\x0f\n\x07\x63hannel\x18\x02 \x01(\t\x12\x10\n\x08provider\x18\x03 \x01(\t\x12\x0f\n\x07\x61\x63\x63ount\x18\x04 \x01(\t\x12\x16\n\x0e\x63orrelation_id\x18\x05 \x01(\t\x12\x17\n\x0f\x63onversation_id\x18\x06 \x01(\t\x12;\n\x08metadata\x18\x07 \x03(\x0b\x32).gateway.api.v1.CallCommand.MetadataEntry\x12.\n\nexpires_at\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\ncreated_at\x18\t \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12*\n\x05place\x18\x14 \x01(\x0b\x32\x19.gateway.api.v1.PlaceCallH\x00\x12\x30\n\x08transfer\x18\x15 \x01(\x0b\x32\x1c.gateway.api.v1.TransferCallH\x00\x12.\n\x07\x65nqueue\x18\x16 \x01(\x0b\x32\x1b.gateway.api.v1.EnqueueCallH\x00\x12,\n\x05speak\x18\x17 \x01(\x0b\x32\x1b.gateway.api.v1.SpeakToCallH\x00\x12-\n\x07hang_up\x18\x18 \x01(\x0b\x32\x1a.gateway.api.v1.HangUpCallH\x00\x1a/\n\rMetadataEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x42\x08\n\x06\x61\x63tion\"\xb1\x01\n\tPlaceCall\x12\n\n\x02to\x18\x01 \x01(\t\x12\x0c\n\x04\x66rom\x18\x02 \x01(\t\x12\x0e\n\x04\x66low\x18\x03 \x01(\tH\x00\x12\r\n\x03say\x18\x04 \x01(\tH\x00\x12\x12\n\x08play_url\x18\x05 \x01(\tH\x00\x12\x1c\n\x14ring_timeout_seconds\x18\x06 \x01(\r\x12\x0e\n\x06record\x18\x07 \x01(\x08\x12\x10\n\x08language\x18\x08 \x01(\t\x12\r\n\x05voice\x18\t \x01(\tB\x08\n\x06script\">\n\x0cTransferCall\x12\x0f\n\x07\x63\x61ll_id\x18\x01 \x01(\t\x12\n\n\x02to\x18\x02 \x01(\t\x12\x11\n\tcaller_id\x18\x03 \x01(\t\"-\n\x0b\x45nqueueCall\x12\x0f\n\x07\x63\x61ll_id\x18\x01 \x01(\t\x12\r\n\x05queue\x18\x02 \x01(\t\"\x7f\n\x0bSpeakToCall\x12\x0f\n\x07\x63\x61ll_id\x18\x01 \x01(\t\x12\r\n\x03say\x18\x02 \x01(\tH\x00\x12\x12\n\x08play_url\x18\x03 \x01(\tH\x00\x12\x10\n\x08language\x18\x04 \x01(\t\x12\r\n\x05voice\x18\x05 \x01(\t\x12\x11\n\tthen_step\x18\x06 \x01(\tB\x08\n\x06script\"\x1d\n\nHangUpCall\x12\x0f\n\x07\x63\x61ll_id\x18\x01 \x01(\t\"\xce\x01\n\x11\x43\x61llCommandResult\x12\x12\n\ncommand_id\x18\x01 \x01(\t\x12\x0e\n\x06\x61\x63tion\x18\x02 \x01(\t\x12\x33\n\x07outcome\x18\x03 \x01(\x0e\x32\".gateway.api.v1.CallCommandOutcome\x12\x0f\n\x07\x63\x61ll_id\x18\x04 \x01(\t\x12\x13\n\x0breason_code\x18\x05 \x01(\t\x12\x0e\n\x06reason\x18\x06 \x01(\t\x12\x11\n\tpermanent\x18\x07 \x01(\x08\x12\x17\n\x0fprovider_status\x18\x08 \x01(\t*\xeb\x01\n\tCallState\x12\x1a\n\x16\x43\x41LL_STATE_UNSPECIFIED\x10\x00\x12\x18\n\x14\x43\x41LL_STATE_INITIATED\x10\x01\x12\x16\n\x12\x43\x41LL_STATE_RINGING\x10\x02\x12\x17\n\x13\x43\x41LL_STATE_ANSWERED\x10\x03\x12\x18\n\x14\x43\x41LL_STATE_COMPLETED\x10\x04\x12\x13\n\x0f\x43\x41LL_STATE_BUSY\x10\x05\x12\x18\n\x14\x43\x41LL_STATE_NO_ANSWER\x10\x06\x12\x15\n\x11\x43\x41LL_STATE_FAILED\x10\x07\x12\x17\n\x13\x43\x41LL_STATE_CANCELED\x10\x08*\xa0\x01\n\x12\x43\x61llCommandOutcome\x12$\n CALL_COMMAND_OUTCOME_UNSPECIFIED\x10\x00\x12!\n\x1d\x43\x41LL_COMMAND_OUTCOME_ACCEPTED\x10\x01\x12\x1f\n\x1b\x43\x41LL_COMMAND_OUTCOME_FAILED\x10\x02\x12 \n\x1c\x43\x41LL_COMMAND_OUTCOME_EXPIRED\x10\x03\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'gateway.api.v1.call_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_CALLSTATE']._serialized_start=472
-  _globals['_CALLSTATE']._serialized_end=707
-  _globals['_CALLEVENT']._serialized_start=138
-  _globals['_CALLEVENT']._serialized_end=469
+  _globals['_CALLCOMMAND_METADATAENTRY']._loaded_options = None
+  _globals['_CALLCOMMAND_METADATAENTRY']._serialized_options = b'8\001'
+  _globals['_CALLSTATE']._serialized_start=1753
+  _globals['_CALLSTATE']._serialized_end=1988
+  _globals['_CALLCOMMANDOUTCOME']._serialized_start=1991
+  _globals['_CALLCOMMANDOUTCOME']._serialized_end=2151
+  _globals['_CALLEVENT']._serialized_start=171
+  _globals['_CALLEVENT']._serialized_end=502
+  _globals['_CALLCOMMAND']._serialized_start=505
+  _globals['_CALLCOMMAND']._serialized_end=1090
+  _globals['_CALLCOMMAND_METADATAENTRY']._serialized_start=1033
+  _globals['_CALLCOMMAND_METADATAENTRY']._serialized_end=1080
+  _globals['_PLACECALL']._serialized_start=1093
+  _globals['_PLACECALL']._serialized_end=1270
+  _globals['_TRANSFERCALL']._serialized_start=1272
+  _globals['_TRANSFERCALL']._serialized_end=1334
+  _globals['_ENQUEUECALL']._serialized_start=1336
+  _globals['_ENQUEUECALL']._serialized_end=1381
+  _globals['_SPEAKTOCALL']._serialized_start=1383
+  _globals['_SPEAKTOCALL']._serialized_end=1510
+  _globals['_HANGUPCALL']._serialized_start=1512
+  _globals['_HANGUPCALL']._serialized_end=1541
+  _globals['_CALLCOMMANDRESULT']._serialized_start=1544
+  _globals['_CALLCOMMANDRESULT']._serialized_end=1750
 # @@protoc_insertion_point(module_scope)

@@ -3,11 +3,14 @@
 isort:skip_file
 """
 
+from collections import abc as _abc
 from gateway.api.v1 import content_pb2 as _content_pb2
 from gateway.api.v1 import message_pb2 as _message_pb2
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import duration_pb2 as _duration_pb2
 from google.protobuf import message as _message
+from google.protobuf import timestamp_pb2 as _timestamp_pb2
+from google.protobuf.internal import containers as _containers
 from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 import builtins as _builtins
 import sys
@@ -49,6 +52,30 @@ CALL_STATE_NO_ANSWER: CallState.ValueType  # 6
 CALL_STATE_FAILED: CallState.ValueType  # 7
 CALL_STATE_CANCELED: CallState.ValueType  # 8
 Global___CallState: _TypeAlias = CallState  # noqa: Y015
+
+class _CallCommandOutcome:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _CallCommandOutcomeEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_CallCommandOutcome.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    CALL_COMMAND_OUTCOME_UNSPECIFIED: _CallCommandOutcome.ValueType  # 0
+    CALL_COMMAND_OUTCOME_ACCEPTED: _CallCommandOutcome.ValueType  # 1
+    """The provider accepted the command (a placed call is now initiated)."""
+    CALL_COMMAND_OUTCOME_FAILED: _CallCommandOutcome.ValueType  # 2
+    CALL_COMMAND_OUTCOME_EXPIRED: _CallCommandOutcome.ValueType  # 3
+    """expires_at passed before the command was executed."""
+
+class CallCommandOutcome(_CallCommandOutcome, metaclass=_CallCommandOutcomeEnumTypeWrapper):
+    """CallCommandOutcome is how a CallCommand ended."""
+
+CALL_COMMAND_OUTCOME_UNSPECIFIED: CallCommandOutcome.ValueType  # 0
+CALL_COMMAND_OUTCOME_ACCEPTED: CallCommandOutcome.ValueType  # 1
+"""The provider accepted the command (a placed call is now initiated)."""
+CALL_COMMAND_OUTCOME_FAILED: CallCommandOutcome.ValueType  # 2
+CALL_COMMAND_OUTCOME_EXPIRED: CallCommandOutcome.ValueType  # 3
+"""expires_at passed before the command was executed."""
+Global___CallCommandOutcome: _TypeAlias = CallCommandOutcome  # noqa: Y015
 
 @_typing.final
 class CallEvent(_message.Message):
@@ -108,3 +135,324 @@ class CallEvent(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___CallEvent: _TypeAlias = CallEvent  # noqa: Y015
+
+@_typing.final
+class CallCommand(_message.Message):
+    """CallCommand is what a downstream service (an agent desktop, a bot, the
+    gateway) publishes on channels.commands with routing key
+    "call.voice.<provider>": place a call, or control a live one.
+
+    A connector executes a given command_id at most once: a redelivered command
+    re-publishes its recorded outcome instead of calling the provider again.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    @_typing.final
+    class MetadataEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.str
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.str = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+    COMMAND_ID_FIELD_NUMBER: _builtins.int
+    CHANNEL_FIELD_NUMBER: _builtins.int
+    PROVIDER_FIELD_NUMBER: _builtins.int
+    ACCOUNT_FIELD_NUMBER: _builtins.int
+    CORRELATION_ID_FIELD_NUMBER: _builtins.int
+    CONVERSATION_ID_FIELD_NUMBER: _builtins.int
+    METADATA_FIELD_NUMBER: _builtins.int
+    EXPIRES_AT_FIELD_NUMBER: _builtins.int
+    CREATED_AT_FIELD_NUMBER: _builtins.int
+    PLACE_FIELD_NUMBER: _builtins.int
+    TRANSFER_FIELD_NUMBER: _builtins.int
+    ENQUEUE_FIELD_NUMBER: _builtins.int
+    SPEAK_FIELD_NUMBER: _builtins.int
+    HANG_UP_FIELD_NUMBER: _builtins.int
+    command_id: _builtins.str
+    """Unique id of this command, chosen by the sender (a UUID)."""
+    channel: _builtins.str
+    """Always "voice" today; kept so a command names its connector fully."""
+    provider: _builtins.str
+    account: _builtins.str
+    """Which of our accounts acts (a configured account key); empty picks the
+    connector's default account.
+    """
+    correlation_id: _builtins.str
+    conversation_id: _builtins.str
+    @_builtins.property
+    def metadata(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
+        """Echoed on the outcome event."""
+
+    @_builtins.property
+    def expires_at(self) -> _timestamp_pb2.Timestamp:
+        """Do not act after this instant."""
+
+    @_builtins.property
+    def created_at(self) -> _timestamp_pb2.Timestamp: ...
+    @_builtins.property
+    def place(self) -> Global___PlaceCall: ...
+    @_builtins.property
+    def transfer(self) -> Global___TransferCall: ...
+    @_builtins.property
+    def enqueue(self) -> Global___EnqueueCall: ...
+    @_builtins.property
+    def speak(self) -> Global___SpeakToCall: ...
+    @_builtins.property
+    def hang_up(self) -> Global___HangUpCall: ...
+    def __init__(
+        self,
+        *,
+        command_id: _builtins.str = ...,
+        channel: _builtins.str = ...,
+        provider: _builtins.str = ...,
+        account: _builtins.str = ...,
+        correlation_id: _builtins.str = ...,
+        conversation_id: _builtins.str = ...,
+        metadata: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
+        expires_at: _timestamp_pb2.Timestamp | None = ...,
+        created_at: _timestamp_pb2.Timestamp | None = ...,
+        place: Global___PlaceCall | None = ...,
+        transfer: Global___TransferCall | None = ...,
+        enqueue: Global___EnqueueCall | None = ...,
+        speak: Global___SpeakToCall | None = ...,
+        hang_up: Global___HangUpCall | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["action", b"action", "created_at", b"created_at", "enqueue", b"enqueue", "expires_at", b"expires_at", "hang_up", b"hang_up", "place", b"place", "speak", b"speak", "transfer", b"transfer"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["account", b"account", "action", b"action", "channel", b"channel", "command_id", b"command_id", "conversation_id", b"conversation_id", "correlation_id", b"correlation_id", "created_at", b"created_at", "enqueue", b"enqueue", "expires_at", b"expires_at", "hang_up", b"hang_up", "metadata", b"metadata", "place", b"place", "provider", b"provider", "speak", b"speak", "transfer", b"transfer"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType_action: _TypeAlias = _typing.Literal["place", "transfer", "enqueue", "speak", "hang_up"]  # noqa: Y015
+    _WhichOneofArgType_action: _TypeAlias = _typing.Literal["action", b"action"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType_action) -> _WhichOneofReturnType_action | None: ...
+
+Global___CallCommand: _TypeAlias = CallCommand  # noqa: Y015
+
+@_typing.final
+class PlaceCall(_message.Message):
+    """PlaceCall dials a number and runs a call flow or speaks a message."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TO_FIELD_NUMBER: _builtins.int
+    FROM_FIELD_NUMBER: _builtins.int
+    FLOW_FIELD_NUMBER: _builtins.int
+    SAY_FIELD_NUMBER: _builtins.int
+    PLAY_URL_FIELD_NUMBER: _builtins.int
+    RING_TIMEOUT_SECONDS_FIELD_NUMBER: _builtins.int
+    RECORD_FIELD_NUMBER: _builtins.int
+    LANGUAGE_FIELD_NUMBER: _builtins.int
+    VOICE_FIELD_NUMBER: _builtins.int
+    to: _builtins.str
+    """E.164 number or "sip:" URI to call."""
+    flow: _builtins.str
+    """Name of a configured call flow; the call runs it once answered."""
+    say: _builtins.str
+    """Text to speak once answered; the call then hangs up."""
+    play_url: _builtins.str
+    """Audio URL to play once answered; the call then hangs up."""
+    ring_timeout_seconds: _builtins.int
+    """Seconds to let it ring before giving up (0: provider default)."""
+    record: _builtins.bool
+    """Record the whole call."""
+    language: _builtins.str
+    """BCP-47 language and provider voice for say (empty: flow/connector default)."""
+    voice: _builtins.str
+    def __init__(
+        self,
+        *,
+        to: _builtins.str = ...,
+        flow: _builtins.str = ...,
+        say: _builtins.str = ...,
+        play_url: _builtins.str = ...,
+        ring_timeout_seconds: _builtins.int = ...,
+        record: _builtins.bool = ...,
+        language: _builtins.str = ...,
+        voice: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["flow", b"flow", "play_url", b"play_url", "say", b"say", "script", b"script"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["flow", b"flow", "from", b"from", "language", b"language", "play_url", b"play_url", "record", b"record", "ring_timeout_seconds", b"ring_timeout_seconds", "say", b"say", "script", b"script", "to", b"to", "voice", b"voice"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType_script: _TypeAlias = _typing.Literal["flow", "say", "play_url"]  # noqa: Y015
+    _WhichOneofArgType_script: _TypeAlias = _typing.Literal["script", b"script"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType_script) -> _WhichOneofReturnType_script | None: ...
+
+Global___PlaceCall: _TypeAlias = PlaceCall  # noqa: Y015
+
+@_typing.final
+class TransferCall(_message.Message):
+    """TransferCall moves a live call to another number or SIP endpoint."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CALL_ID_FIELD_NUMBER: _builtins.int
+    TO_FIELD_NUMBER: _builtins.int
+    CALLER_ID_FIELD_NUMBER: _builtins.int
+    call_id: _builtins.str
+    to: _builtins.str
+    """E.164 number or "sip:" URI."""
+    caller_id: _builtins.str
+    """Caller id shown to the transfer target (E.164); empty keeps the call's."""
+    def __init__(
+        self,
+        *,
+        call_id: _builtins.str = ...,
+        to: _builtins.str = ...,
+        caller_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["call_id", b"call_id", "caller_id", b"caller_id", "to", b"to"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___TransferCall: _TypeAlias = TransferCall  # noqa: Y015
+
+@_typing.final
+class EnqueueCall(_message.Message):
+    """EnqueueCall puts a live call on hold in a named queue (hold music plays)."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CALL_ID_FIELD_NUMBER: _builtins.int
+    QUEUE_FIELD_NUMBER: _builtins.int
+    call_id: _builtins.str
+    queue: _builtins.str
+    def __init__(
+        self,
+        *,
+        call_id: _builtins.str = ...,
+        queue: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["call_id", b"call_id", "queue", b"queue"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___EnqueueCall: _TypeAlias = EnqueueCall  # noqa: Y015
+
+@_typing.final
+class SpeakToCall(_message.Message):
+    """SpeakToCall says text or plays audio on a live call, then resumes a flow
+    step or hangs up.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CALL_ID_FIELD_NUMBER: _builtins.int
+    SAY_FIELD_NUMBER: _builtins.int
+    PLAY_URL_FIELD_NUMBER: _builtins.int
+    LANGUAGE_FIELD_NUMBER: _builtins.int
+    VOICE_FIELD_NUMBER: _builtins.int
+    THEN_STEP_FIELD_NUMBER: _builtins.int
+    call_id: _builtins.str
+    say: _builtins.str
+    play_url: _builtins.str
+    language: _builtins.str
+    voice: _builtins.str
+    then_step: _builtins.str
+    """Flow step to continue with afterwards ("<flow>/<step>"); empty hangs up."""
+    def __init__(
+        self,
+        *,
+        call_id: _builtins.str = ...,
+        say: _builtins.str = ...,
+        play_url: _builtins.str = ...,
+        language: _builtins.str = ...,
+        voice: _builtins.str = ...,
+        then_step: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["play_url", b"play_url", "say", b"say", "script", b"script"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["call_id", b"call_id", "language", b"language", "play_url", b"play_url", "say", b"say", "script", b"script", "then_step", b"then_step", "voice", b"voice"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType_script: _TypeAlias = _typing.Literal["say", "play_url"]  # noqa: Y015
+    _WhichOneofArgType_script: _TypeAlias = _typing.Literal["script", b"script"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType_script) -> _WhichOneofReturnType_script | None: ...
+
+Global___SpeakToCall: _TypeAlias = SpeakToCall  # noqa: Y015
+
+@_typing.final
+class HangUpCall(_message.Message):
+    """HangUpCall ends a live call."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CALL_ID_FIELD_NUMBER: _builtins.int
+    call_id: _builtins.str
+    def __init__(
+        self,
+        *,
+        call_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["call_id", b"call_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___HangUpCall: _TypeAlias = HangUpCall  # noqa: Y015
+
+@_typing.final
+class CallCommandResult(_message.Message):
+    """CallCommandResult is the outcome of one CallCommand, published as event
+    type "call.command" with causation_id = command_id.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    COMMAND_ID_FIELD_NUMBER: _builtins.int
+    ACTION_FIELD_NUMBER: _builtins.int
+    OUTCOME_FIELD_NUMBER: _builtins.int
+    CALL_ID_FIELD_NUMBER: _builtins.int
+    REASON_CODE_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    PERMANENT_FIELD_NUMBER: _builtins.int
+    PROVIDER_STATUS_FIELD_NUMBER: _builtins.int
+    command_id: _builtins.str
+    action: _builtins.str
+    """The action's field name in CallCommand: "place", "transfer", ..."""
+    outcome: Global___CallCommandOutcome.ValueType
+    call_id: _builtins.str
+    """The provider's call id (a placed call's new id, or the controlled call)."""
+    reason_code: _builtins.str
+    """Machine-readable reason of a failure (e.g. "call_not_found", "ambiguous_send")."""
+    reason: _builtins.str
+    permanent: _builtins.bool
+    """True when retrying the same command cannot succeed."""
+    provider_status: _builtins.str
+    """The provider's own status of the call after the command, verbatim."""
+    def __init__(
+        self,
+        *,
+        command_id: _builtins.str = ...,
+        action: _builtins.str = ...,
+        outcome: Global___CallCommandOutcome.ValueType = ...,
+        call_id: _builtins.str = ...,
+        reason_code: _builtins.str = ...,
+        reason: _builtins.str = ...,
+        permanent: _builtins.bool = ...,
+        provider_status: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["action", b"action", "call_id", b"call_id", "command_id", b"command_id", "outcome", b"outcome", "permanent", b"permanent", "provider_status", b"provider_status", "reason", b"reason", "reason_code", b"reason_code"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CallCommandResult: _TypeAlias = CallCommandResult  # noqa: Y015

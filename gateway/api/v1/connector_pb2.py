@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from gateway.api.v1 import delivery_pb2 as gateway_dot_api_dot_v1_dot_delivery__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1egateway/api/v1/connector.proto\x12\x0egateway.api.v1\x1a\x1dgateway/api/v1/delivery.proto\"\xa7\x02\n\x11\x43onnectorManifest\x12\x0f\n\x07\x63hannel\x18\x01 \x01(\t\x12\x10\n\x08provider\x18\x02 \x01(\t\x12\x13\n\x0b\x61pi_version\x18\x03 \x01(\t\x12\x10\n\x08\x64ocs_url\x18\x04 \x01(\t\x12\x18\n\x10outbound_content\x18\x05 \x03(\t\x12\x17\n\x0finbound_content\x18\x06 \x03(\t\x12\x36\n\x0f\x64\x65livery_states\x18\x07 \x03(\x0e\x32\x1d.gateway.api.v1.DeliveryState\x12\x13\n\x0b\x65vent_types\x18\x08 \x03(\t\x12/\n\x06limits\x18\t \x01(\x0b\x32\x1f.gateway.api.v1.ConnectorLimits\x12\x17\n\x0fidempotent_send\x18\n \x01(\x08\"y\n\x0f\x43onnectorLimits\x12\x17\n\x0fmax_text_length\x18\x01 \x01(\r\x12\x17\n\x0fmax_attachments\x18\x02 \x01(\r\x12\x1c\n\x14max_attachment_bytes\x18\x03 \x01(\x04\x12\x16\n\x0emax_recipients\x18\x04 \x01(\rb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1egateway/api/v1/connector.proto\x12\x0egateway.api.v1\x1a\x1dgateway/api/v1/delivery.proto\"\xbd\x02\n\x11\x43onnectorManifest\x12\x0f\n\x07\x63hannel\x18\x01 \x01(\t\x12\x10\n\x08provider\x18\x02 \x01(\t\x12\x13\n\x0b\x61pi_version\x18\x03 \x01(\t\x12\x10\n\x08\x64ocs_url\x18\x04 \x01(\t\x12\x18\n\x10outbound_content\x18\x05 \x03(\t\x12\x17\n\x0finbound_content\x18\x06 \x03(\t\x12\x36\n\x0f\x64\x65livery_states\x18\x07 \x03(\x0e\x32\x1d.gateway.api.v1.DeliveryState\x12\x13\n\x0b\x65vent_types\x18\x08 \x03(\t\x12/\n\x06limits\x18\t \x01(\x0b\x32\x1f.gateway.api.v1.ConnectorLimits\x12\x17\n\x0fidempotent_send\x18\n \x01(\x08\x12\x14\n\x0c\x63\x61ll_actions\x18\x0b \x03(\t\"y\n\x0f\x43onnectorLimits\x12\x17\n\x0fmax_text_length\x18\x01 \x01(\r\x12\x17\n\x0fmax_attachments\x18\x02 \x01(\r\x12\x1c\n\x14max_attachment_bytes\x18\x03 \x01(\x04\x12\x16\n\x0emax_recipients\x18\x04 \x01(\rb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -33,7 +33,7 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'gateway.api.v1.connector_pb
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_CONNECTORMANIFEST']._serialized_start=82
-  _globals['_CONNECTORMANIFEST']._serialized_end=377
-  _globals['_CONNECTORLIMITS']._serialized_start=379
-  _globals['_CONNECTORLIMITS']._serialized_end=500
+  _globals['_CONNECTORMANIFEST']._serialized_end=399
+  _globals['_CONNECTORLIMITS']._serialized_start=401
+  _globals['_CONNECTORLIMITS']._serialized_end=522
 # @@protoc_insertion_point(module_scope)

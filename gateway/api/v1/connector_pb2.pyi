@@ -37,6 +37,7 @@ class ConnectorManifest(_message.Message):
     EVENT_TYPES_FIELD_NUMBER: _builtins.int
     LIMITS_FIELD_NUMBER: _builtins.int
     IDEMPOTENT_SEND_FIELD_NUMBER: _builtins.int
+    CALL_ACTIONS_FIELD_NUMBER: _builtins.int
     channel: _builtins.str
     provider: _builtins.str
     api_version: _builtins.str
@@ -66,6 +67,13 @@ class ConnectorManifest(_message.Message):
 
     @_builtins.property
     def limits(self) -> Global___ConnectorLimits: ...
+    @_builtins.property
+    def call_actions(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """CallCommand actions the connector executes ("place", "transfer",
+        "enqueue", "speak", "hang_up"), consumed from channels.commands with
+        routing key "call.<channel>.<provider>". Empty: no call commands.
+        """
+
     def __init__(
         self,
         *,
@@ -79,10 +87,11 @@ class ConnectorManifest(_message.Message):
         event_types: _abc.Iterable[_builtins.str] | None = ...,
         limits: Global___ConnectorLimits | None = ...,
         idempotent_send: _builtins.bool = ...,
+        call_actions: _abc.Iterable[_builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["limits", b"limits"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["api_version", b"api_version", "channel", b"channel", "delivery_states", b"delivery_states", "docs_url", b"docs_url", "event_types", b"event_types", "idempotent_send", b"idempotent_send", "inbound_content", b"inbound_content", "limits", b"limits", "outbound_content", b"outbound_content", "provider", b"provider"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["api_version", b"api_version", "call_actions", b"call_actions", "channel", b"channel", "delivery_states", b"delivery_states", "docs_url", b"docs_url", "event_types", b"event_types", "idempotent_send", b"idempotent_send", "inbound_content", b"inbound_content", "limits", b"limits", "outbound_content", b"outbound_content", "provider", b"provider"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

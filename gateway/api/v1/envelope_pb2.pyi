@@ -73,6 +73,7 @@ class Event(_message.Message):
     TYPING_FIELD_NUMBER: _builtins.int
     READ_FIELD_NUMBER: _builtins.int
     CALL_FIELD_NUMBER: _builtins.int
+    CALL_COMMAND_FIELD_NUMBER: _builtins.int
     id: _builtins.str
     """Unique id. For inbound events it is deterministic (derived from provider,
     account and the provider's event id), so a provider retry yields the same
@@ -132,6 +133,8 @@ class Event(_message.Message):
     def read(self) -> _message_pb2.Read: ...
     @_builtins.property
     def call(self) -> _call_pb2.CallEvent: ...
+    @_builtins.property
+    def call_command(self) -> _call_pb2.CallCommandResult: ...
     def __init__(
         self,
         *,
@@ -157,12 +160,13 @@ class Event(_message.Message):
         typing: _message_pb2.Typing | None = ...,
         read: _message_pb2.Read | None = ...,
         call: _call_pb2.CallEvent | None = ...,
+        call_command: _call_pb2.CallCommandResult | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["call", b"call", "delete", b"delete", "edit", b"edit", "message", b"message", "occurred_at", b"occurred_at", "payload", b"payload", "raw", b"raw", "reaction", b"reaction", "read", b"read", "received_at", b"received_at", "status", b"status", "typing", b"typing"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["call", b"call", "call_command", b"call_command", "delete", b"delete", "edit", b"edit", "message", b"message", "occurred_at", b"occurred_at", "payload", b"payload", "raw", b"raw", "reaction", b"reaction", "read", b"read", "received_at", b"received_at", "status", b"status", "typing", b"typing"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["account", b"account", "attributes", b"attributes", "call", b"call", "causation_id", b"causation_id", "channel", b"channel", "conversation_id", b"conversation_id", "correlation_id", b"correlation_id", "delete", b"delete", "edit", b"edit", "id", b"id", "message", b"message", "occurred_at", b"occurred_at", "payload", b"payload", "provider", b"provider", "raw", b"raw", "reaction", b"reaction", "read", b"read", "received_at", b"received_at", "sequence", b"sequence", "status", b"status", "traceparent", b"traceparent", "type", b"type", "typing", b"typing"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["account", b"account", "attributes", b"attributes", "call", b"call", "call_command", b"call_command", "causation_id", b"causation_id", "channel", b"channel", "conversation_id", b"conversation_id", "correlation_id", b"correlation_id", "delete", b"delete", "edit", b"edit", "id", b"id", "message", b"message", "occurred_at", b"occurred_at", "payload", b"payload", "provider", b"provider", "raw", b"raw", "reaction", b"reaction", "read", b"read", "received_at", b"received_at", "sequence", b"sequence", "status", b"status", "traceparent", b"traceparent", "type", b"type", "typing", b"typing"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_payload: _TypeAlias = _typing.Literal["message", "status", "reaction", "edit", "delete", "typing", "read", "call"]  # noqa: Y015
+    _WhichOneofReturnType_payload: _TypeAlias = _typing.Literal["message", "status", "reaction", "edit", "delete", "typing", "read", "call", "call_command"]  # noqa: Y015
     _WhichOneofArgType_payload: _TypeAlias = _typing.Literal["payload", b"payload"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_payload) -> _WhichOneofReturnType_payload | None: ...
 
