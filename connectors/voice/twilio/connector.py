@@ -103,6 +103,8 @@ MANIFEST = ConnectorManifest(
     event_types=list(mapping.EVENT_TYPES),
     limits=ConnectorLimits(max_recipients=1),
     idempotent_send=False,
+    # CallCommand actions this connector executes (TwilioVoiceConnector.call).
+    call_actions=["place", "transfer", "enqueue", "speak", "hang_up"],
 )
 
 
