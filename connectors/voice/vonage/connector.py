@@ -88,6 +88,7 @@ MANIFEST = ConnectorManifest(
     event_types=list(mapping.EVENT_TYPES),
     limits=ConnectorLimits(max_recipients=1),
     idempotent_send=False,
+    call_actions=["place", "transfer", "enqueue", "speak", "hang_up"],
 )
 
 
