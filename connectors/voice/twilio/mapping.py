@@ -19,12 +19,12 @@ from google.protobuf.duration_pb2 import Duration
 from google.protobuf.timestamp_pb2 import Timestamp
 from multidict import MultiDict, MultiMapping
 
+from connectors.voice import voicemail
 from connectors.voice.lifecycle import STATE_WORDS
 from gateway.api.v1.call_pb2 import CallEvent, CallState
-from gateway.api.v1.content_pb2 import Attachment, Media, MediaKind
+from gateway.api.v1.content_pb2 import Attachment
 from gateway.api.v1.envelope_pb2 import Event, RawPayload
-from gateway.api.v1.message_pb2 import Direction, Message
-from gateway.api.v1.participant_pb2 import Participant, ParticipantRole
+from gateway.api.v1.message_pb2 import Direction
 from gateway.contract import BadRequestError, inbound_event_id, normalize_phone
 from gateway.contract.ids import conversation_id
 
@@ -334,42 +334,20 @@ def voicemail_message(
     """
     if not params.get("RecordingUrl") or not params.get("RecordingSid"):
         return None
-    sid = required(params, "CallSid")
-    caller = _address(required(params, "From"))
-    called = _address(required(params, "To"))
-    message = Message(
-        direction=Direction.DIRECTION_INBOUND,
-        sender=Participant(
-            channel=CHANNEL, address=caller, role=ParticipantRole.PARTICIPANT_ROLE_CUSTOMER
-        ),
-        recipients=[
-            Participant(
-                channel=CHANNEL, address=called, role=ParticipantRole.PARTICIPANT_ROLE_BUSINESS
-            )
-        ],
-        provider_message_id=params["RecordingSid"],
-        media=Media(kind=MediaKind.MEDIA_KIND_AUDIO),
-        attachments=[_recording(params)],
-    )
-    event = Event(
-        id=inbound_event_id(PROVIDER, account, "voicemail", params["RecordingSid"]),
-        type="message.received",
-        channel=CHANNEL,
+    duration = _seconds(params, "RecordingDuration")
+    return voicemail.voicemail_message(
         provider=PROVIDER,
         account=account,
-        received_at=_timestamp(received_at),
-        occurred_at=_timestamp(received_at),
-        correlation_id=sid,
-        conversation_id=conversation_id(CHANNEL, called, caller),
+        recording_id=params["RecordingSid"],
+        call_id=required(params, "CallSid"),
+        caller=_address(required(params, "From")),
+        called=_address(required(params, "To")),
+        recording=_recording(params),
+        flow_step=flow_step,
         raw=raw,
-        message=message,
+        received_at=received_at,
+        duration_seconds=duration.seconds if duration is not None else None,
     )
-    event.attributes["voice.call_id"] = sid
-    event.attributes["voice.flow_step"] = flow_step
-    duration = _seconds(params, "RecordingDuration")
-    if duration is not None:
-        event.attributes["voice.recording_duration_seconds"] = str(duration.seconds)
-    return event
 
 
 def _with(params: MultiMapping[str], **extra: str) -> MultiMapping[str]:
