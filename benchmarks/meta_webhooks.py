@@ -29,8 +29,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from urllib.parse import urlsplit
 
+from benchmarks.harness import Broker, Server, free_port, machine, running
 from benchmarks.load import RequestSource, closed_loop
-from benchmarks.sms_webhooks import Broker, Server, _free_port, _machine, running
 from connectors.social.meta.signature import SIGNATURE_HEADER, compute_signature
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -138,7 +138,7 @@ async def run(args: argparse.Namespace) -> dict[str, object]:
     report: dict[str, object] = {
         "command": "python -m benchmarks.meta_webhooks " + " ".join(sys.argv[1:]),
         "started_at": datetime.now(UTC).isoformat(timespec="seconds"),
-        "machine": _machine(),
+        "machine": machine(),
         "settings": {
             "duration_s": args.duration,
             "warmup_s": args.warmup,
@@ -153,7 +153,7 @@ async def run(args: argparse.Namespace) -> dict[str, object]:
     await broker.open()
     try:
         with tempfile.TemporaryDirectory(prefix="bench-meta-") as tmp:
-            port = _free_port()
+            port = free_port()
             config = Path(tmp) / "config.json"
             config.write_text(json.dumps(_config(port, broker.url, args.dedup, queue)))
             argv = [

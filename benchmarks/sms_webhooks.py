@@ -29,31 +29,33 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import json
 import os
-import platform
 import secrets
 import shutil
-import signal
-import socket
-import subprocess
 import sys
 import tempfile
 import time
-from collections import deque
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from urllib.parse import urlencode, urlsplit, urlunsplit
+from urllib.parse import urlsplit
 
-import aio_pika
-
+from benchmarks.harness import (
+    ROOT,
+    Broker,
+    Server,
+    free_port,
+    is_local,
+    machine,
+    running,
+    signed_twilio_form,
+    twilio_request_head,
+    write_report,
+)
 from benchmarks.load import PhaseResult, RequestSource, closed_loop, open_loop
-from connectors.sms.twilio.webhooks import SIGNATURE_HEADER, compute_signature
 
-ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results" / "sms_webhooks.json"
 TOKEN_ENV = "BENCH_TWILIO_TOKEN"
 #: Target of the issue: the service reaches this share of the bare bound's throughput.
@@ -75,11 +77,7 @@ class Webhooks:
         """Request ``i`` of a phase: its own MessageSid, signed for ``port``."""
         path = f"/webhooks/sms/twilio/{self.account_key}/inbound"
         url = f"http://127.0.0.1:{port}{path}"
-        head = (
-            f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n"
-            "User-Agent: TwilioProxy/1.1\r\nAccept: */*\r\n"
-            "Content-Type: application/x-www-form-urlencoded\r\n"
-        )
+        head = twilio_request_head(port, path)
 
         def make(i: int) -> bytes:
             sid = f"SM{self.run_id}{tag:02x}{i:022x}"
@@ -106,198 +104,9 @@ class Webhooks:
                 "From": "+447700900123",
                 "ApiVersion": "2010-04-01",
             }
-            body = urlencode(params).encode()
-            signature = compute_signature(self.token, url, {k: [v] for k, v in params.items()})
-            return (
-                f"{head}{SIGNATURE_HEADER}: {signature}\r\nContent-Length: {len(body)}\r\n\r\n"
-            ).encode() + body
+            return signed_twilio_form(head, url, self.token, params)
 
         return make
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def _process_tree(root: int) -> list[int]:
-    """``root`` and its descendants (the service's worker processes)."""
-    children: dict[int, list[int]] = {}
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        with contextlib.suppress(OSError, ValueError, IndexError):
-            ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
-            children.setdefault(ppid, []).append(int(entry.name))
-    tree, todo = [], [root]
-    while todo:
-        pid = todo.pop()
-        tree.append(pid)
-        todo.extend(children.get(pid, ()))
-    return tree
-
-
-def _with_vhost(url: str, vhost: str) -> str:
-    parts = urlsplit(url)
-    return urlunsplit(parts._replace(path="/" + vhost))
-
-
-class Server:
-    """A server subprocess; ``ready_marker`` lines on its output say it listens."""
-
-    def __init__(self, name: str, argv: list[str], *, env: dict[str, str], ready: int) -> None:
-        self.name, self._argv, self._env, self._ready_needed = name, argv, env, ready
-        self._proc: asyncio.subprocess.Process | None = None
-        self._tail: deque[str] = deque(maxlen=30)
-        self._ready = asyncio.Event()
-        self._ready_count = 0
-        self._readers: list[asyncio.Task[None]] = []
-
-    async def _read(self, stream: asyncio.StreamReader) -> None:
-        while line := await stream.readline():
-            text = line.decode(errors="replace").rstrip()
-            self._tail.append(text)
-            if text == "ready" or '"event": "service started"' in text:
-                self._ready_count += 1
-                if self._ready_count >= self._ready_needed:
-                    self._ready.set()
-
-    async def start(self, timeout: float = 30.0) -> None:
-        """Start and wait until every process of it listens."""
-        self._proc = await asyncio.create_subprocess_exec(
-            *self._argv,
-            cwd=ROOT,
-            env=self._env,
-            stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.PIPE,
-            start_new_session=True,  # a Ctrl-C here reaches it only through stop()
-        )
-        assert self._proc.stdout is not None
-        assert self._proc.stderr is not None
-        self._readers = [
-            asyncio.create_task(self._read(self._proc.stdout)),
-            asyncio.create_task(self._read(self._proc.stderr)),
-        ]
-        exited = asyncio.create_task(self._proc.wait())
-        ready = asyncio.create_task(self._ready.wait())
-        done, _ = await asyncio.wait(
-            {exited, ready}, timeout=timeout, return_when=asyncio.FIRST_COMPLETED
-        )
-        for task in (exited, ready):
-            if task not in done:
-                task.cancel()
-        if ready not in done:
-            await self.stop()
-            raise RuntimeError(f"{self.name} did not start:\n" + "\n".join(self._tail))
-
-    def cpu_seconds(self) -> float:
-        """CPU time (user + system) used so far by the server's processes (Linux)."""
-        if self._proc is None:
-            return 0.0
-        tick = os.sysconf("SC_CLK_TCK")
-        total = 0
-        for pid in _process_tree(self._proc.pid):
-            with contextlib.suppress(OSError, ValueError, IndexError):
-                # Fields after the ")" closing the command name; utime, stime are 14, 15.
-                fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-                total += int(fields[11]) + int(fields[12])
-        return total / tick
-
-    async def stop(self) -> None:
-        """SIGTERM (graceful drain), then SIGKILL after 15 s."""
-        proc = self._proc
-        if proc is None:
-            return
-        self._proc = None
-        if proc.returncode is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                await asyncio.wait_for(proc.wait(), 15)
-            except TimeoutError:
-                proc.kill()
-                await proc.wait()
-        for task in self._readers:
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
-        if proc.returncode not in (0, -signal.SIGTERM):
-            print(f"warning: {self.name} exited with {proc.returncode}", file=sys.stderr)
-
-
-@contextlib.asynccontextmanager
-async def running(server: Server) -> AsyncIterator[Server]:
-    """Start ``server`` and stop it whatever happens."""
-    try:
-        await server.start()
-        yield server
-    finally:
-        await server.stop()
-
-
-class Broker:
-    """A throw-away vhost for the run, and counting what landed on a queue."""
-
-    def __init__(self, url: str, vhost: str | None) -> None:
-        self.base_url, self.vhost = url, vhost
-        self.url = _with_vhost(url, vhost) if vhost else url
-        self._conn: aio_pika.abc.AbstractConnection | None = None
-
-    @staticmethod
-    def _ctl(*args: str) -> None:
-        out = subprocess.run(
-            ["rabbitmqctl", "-q", *args], capture_output=True, text=True, timeout=30, check=False
-        )
-        if out.returncode != 0:
-            raise SystemExit(
-                f"benchmark: rabbitmqctl {' '.join(args)} failed ({out.stderr.strip()}); "
-                "it needs to run where rabbitmqctl can reach the broker (e.g. as root)"
-            )
-
-    async def open(self) -> None:
-        """Create the vhost (when one is used) and connect."""
-        if self.vhost:
-            user = urlsplit(self.base_url).username or "guest"
-            await asyncio.to_thread(self._ctl, "add_vhost", self.vhost)
-            await asyncio.to_thread(
-                self._ctl, "set_permissions", "-p", self.vhost, user, ".*", ".*", ".*"
-            )
-        self._conn = await aio_pika.connect(self.url)
-
-    async def declare_bare(self, name: str) -> None:
-        """The bare bound's exchange and its quorum queue (catch-all binding)."""
-        assert self._conn is not None
-        async with self._conn.channel() as channel:
-            exchange = await channel.declare_exchange(
-                name, aio_pika.ExchangeType.TOPIC, durable=True
-            )
-            queue = await channel.declare_queue(
-                name, durable=True, arguments={"x-queue-type": "quorum"}
-            )
-            await queue.bind(exchange, routing_key="#")
-
-    async def count_and_purge(self, queue_name: str) -> int:
-        """Messages on ``queue_name`` (all confirmed before their 2xx), then empty it."""
-        assert self._conn is not None
-        async with self._conn.channel() as channel:
-            queue = await channel.declare_queue(queue_name, passive=True)
-            count = int(queue.declaration_result.message_count or 0)
-            await queue.purge()
-        return count
-
-    async def close(self, cleanup: list[tuple[str, str]]) -> None:
-        """Delete what the run declared (the whole vhost when there is one)."""
-        if self._conn is not None:
-            if not self.vhost:
-                async with self._conn.channel() as channel:
-                    for kind, name in cleanup:
-                        with contextlib.suppress(aio_pika.exceptions.AMQPError):
-                            if kind == "queue":
-                                await channel.queue_delete(name)
-                            else:
-                                await channel.exchange_delete(name)
-            await self._conn.close()
-        if self.vhost:
-            await asyncio.to_thread(self._ctl, "delete_vhost", self.vhost)
 
 
 @dataclass
@@ -375,23 +184,6 @@ def _print_row(label: str, saturated: PhaseResult, paced: PhaseResult, cpu_ms: f
     )
 
 
-def _machine() -> dict[str, object]:
-    cpu = platform.processor() or ""
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    load = os.getloadavg()
-    return {
-        "cpus": os.cpu_count(),
-        "cpu_model": cpu,
-        "python": platform.python_version(),
-        "platform": platform.platform(),
-        "loadavg_at_start": [round(x, 2) for x in load],
-    }
-
-
 async def run(cfg: Settings) -> dict[str, object]:
     """The whole benchmark; returns the JSON document it also writes."""
     run_id = secrets.token_hex(4)
@@ -417,7 +209,7 @@ async def run(cfg: Settings) -> dict[str, object]:
     report: dict[str, object] = {
         "command": "python -m benchmarks.sms_webhooks " + " ".join(sys.argv[1:]),
         "started_at": datetime.now(UTC).isoformat(timespec="seconds"),
-        "machine": _machine(),
+        "machine": machine(),
         "settings": {
             "duration_s": cfg.duration,
             "warmup_s": cfg.warmup,
@@ -439,7 +231,7 @@ async def run(cfg: Settings) -> dict[str, object]:
         await broker.declare_bare(bare_name)
 
         # 1. The load generator's own ceiling, against a handler that does nothing.
-        port = _free_port()
+        port = free_port()
         trivial = Server(
             "trivial",
             [py, "-m", "benchmarks.bare", "--port", str(port), "--trivial"],
@@ -465,7 +257,7 @@ async def run(cfg: Settings) -> dict[str, object]:
         )
 
         # 2. The bare bound.
-        port = _free_port()
+        port = free_port()
         bare = Server(
             "bare",
             [
@@ -492,7 +284,7 @@ async def run(cfg: Settings) -> dict[str, object]:
         # 3. The SMS service, one process then more.
         with tempfile.TemporaryDirectory(prefix="bench-sms-") as tmp:
             for i, workers in enumerate(cfg.workers):
-                port = _free_port()
+                port = free_port()
                 config = Path(tmp) / f"config-{workers}.json"
                 config.write_text(json.dumps(_service_config(port, broker.url, cfg, webhooks)))
                 argv = [py, "-m", "gateway.cli", "--config", str(config), "run", "sms.twilio"]
@@ -595,8 +387,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--broker-url", default="amqp://guest:guest@127.0.0.1:5672/")
     parser.add_argument("--output", type=Path, default=RESULTS)
     args = parser.parse_args(argv)
-    host = urlsplit(args.broker_url).hostname
-    if host not in ("127.0.0.1", "localhost", "::1"):
+    if not is_local(args.broker_url):
         parser.error("the benchmark only talks to a local broker (127.0.0.1)")
     try:
         workers = [int(w) for w in args.workers.split(",") if w.strip()]
@@ -619,8 +410,7 @@ def main(argv: list[str] | None = None) -> int:
     started = time.monotonic()
     report = asyncio.run(run(cfg))
     report["wall_seconds"] = round(time.monotonic() - started, 1)
-    cfg.output.parent.mkdir(parents=True, exist_ok=True)
-    cfg.output.write_text(json.dumps(report, indent=2) + "\n")
+    write_report(cfg.output, report)
     verdict = report.get("verdict", {})
     print(f"\n{json.dumps(verdict, indent=2)}\nwritten to {cfg.output}")
     return 0 if isinstance(verdict, dict) and verdict.get("all_accepted_on_queue") else 1
