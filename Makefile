@@ -49,6 +49,7 @@ test: lint typecheck protos-check buf pytest
 
 bench: setup services
 	$(BIN)/python -m benchmarks.sms_webhooks
+	$(BIN)/python -m benchmarks.voice_answer
 
 clean:
 	rm -rf $(VENV) .tools .mypy_cache .ruff_cache .pytest_cache
