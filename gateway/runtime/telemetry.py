@@ -296,3 +296,8 @@ SEND_RETRIES = Counter("gateway_send_retries_total", "Provider call retries", ["
 DEAD_LETTERS = Counter(
     "gateway_dead_letters_total", "Commands rejected to the dead-letter exchange", ["connector"]
 )
+CALL_COMMANDS = Counter(
+    "gateway_call_commands_total",
+    "Call commands by connector, action and outcome",
+    ["connector", "action", "outcome"],
+)

@@ -56,3 +56,19 @@ def test_conversation_id_is_stable_and_directional() -> None:
     assert a == conversation_id("sms", "+14155550100", "+14155550199")
     assert a != conversation_id("sms", "+14155550199", "+14155550100")
     assert a != conversation_id("whatsapp", "+14155550100", "+14155550199")
+
+
+def test_ids_equal_the_stdlib_uuid5_for_any_name() -> None:
+    import random
+
+    from gateway.contract.ids import NAMESPACE
+
+    rng = random.Random(5)
+    for _ in range(2000):
+        parts = ["".join(chr(rng.randint(32, 0x2FFF)) for _ in range(rng.randint(1, 12)))]
+        parts += [str(rng.random())]
+        expected = str(uuid.uuid5(NAMESPACE, "\x1f".join(("p", "a", "k", *parts))))
+        assert inbound_event_id("p", "a", "k", *parts) == expected
+    assert conversation_id("sms", "+1", "+2") == str(
+        uuid.uuid5(NAMESPACE, "\x1f".join(("conversation", "sms", "+1", "+2")))
+    )
