@@ -5,8 +5,9 @@ Run: python scripts/gen_definitions.py [--check] [--vhost /] [--delivery-limit N
 
 The broker definitions hold exactly what the services declare at start-up
 (``gateway.runtime.topology``): the base exchanges and dead-letter queue, the
-quorum command queue of every installed connector (entry-point group
-``gateway.connectors``) and, unless ``--without-gateway``, the gateway
+quorum send-command queue of every installed connector (entry-point group
+``gateway.connectors``), the quorum call-command queue of every connector whose
+manifest lists ``call_actions`` (voice) and, unless ``--without-gateway``, the gateway
 service's ledger status queue (bound to ``message.status.#``, so statuses are
 kept from the first one even before the gateway first starts; leave it out
 when no gateway consumes it, or it fills up). A broker that loads them (``load_definitions`` in
@@ -40,12 +41,8 @@ if str(ROOT) not in sys.path:  # run as a script from anywhere
 from gateway.contract import registry  # noqa: E402
 from gateway.ledger.ingest import DEFAULT_QUEUE, STATUS_PATTERN  # noqa: E402
 from gateway.runtime.config import BrokerSettings  # noqa: E402
-from gateway.runtime.topology import (  # noqa: E402
-    Topology,
-    base_topology,
-    command_queue,
-    subscription_queue,
-)
+from gateway.runtime.outbound import command_topology  # noqa: E402
+from gateway.runtime.topology import Topology, base_topology, subscription_queue  # noqa: E402
 
 DEFAULT_OUTPUT = ROOT / "deploy" / "rabbitmq" / "definitions.json"
 
@@ -53,8 +50,9 @@ DEFAULT_OUTPUT = ROOT / "deploy" / "rabbitmq" / "definitions.json"
 def runtime_topology(
     connectors: Sequence[str], delivery_limit: int, *, gateway: bool = True
 ) -> Topology:
-    """Base topology plus the command queue of each named connector, and the
-    gateway's ledger status queue when ``gateway``.
+    """Base topology plus the command queues of each named connector (send, and
+    call when its manifest lists call actions), and the gateway's ledger status
+    queue when ``gateway``.
 
     The same composition as :meth:`gateway.runtime.service.Service.topology`
     and the gateway's ``StatusIngestor.topology`` (without a config's
@@ -67,9 +65,7 @@ def runtime_topology(
         )
     for name in connectors:
         spec = registry.load(name)  # a connector that fails to load fails generation
-        topology = topology.merge(
-            Topology(queues=(command_queue(spec.channel, spec.provider, delivery_limit),))
-        )
+        topology = topology.merge(command_topology(spec, delivery_limit))
     return topology
 
 

@@ -405,6 +405,11 @@ async def test_definitions_provision_what_the_runtime_declares(
         for name in registry.available():
             channel, provider = name.split(".", 1)
             await bus.publish(COMMANDS_EXCHANGE, f"send.{channel}.{provider}", message, timeout=5)
+        # Connectors that take call commands (voice) have a call queue too.
+        callers = [n for n in registry.available() if registry.load(n).manifest.call_actions]
+        for name in callers:
+            channel, provider = name.split(".", 1)
+            await bus.publish(COMMANDS_EXCHANGE, f"call.{channel}.{provider}", message, timeout=5)
         await bus.publish(DEAD_EXCHANGE, "anything.at.all", message, timeout=5)
         await bus.publish(EVENTS_EXCHANGE, "message.status.sms.twilio", message, timeout=5)
         # Each probe landed in the queue the imported bindings route it to.
@@ -415,6 +420,7 @@ async def test_definitions_provision_what_the_runtime_declares(
                 "channels.dead-letters",
                 STATUS_QUEUE,
                 *(f"connector.{name}.send" for name in registry.available()),
+                *(f"connector.{name}.call" for name in callers),
             ):
                 queue = await channel.get_queue(queue_name, ensure=True)
                 got = await queue.get(no_ack=True, fail=False, timeout=5)
@@ -434,6 +440,7 @@ async def test_definitions_provision_what_the_runtime_declares(
         assert {q.name for q in runtime.queues} == {
             "channels.dead-letters",
             *(f"connector.{name}.send" for name in registry.available()),
+            *(f"connector.{name}.call" for name in callers),
         }
         # The gateway service's status queue, as its ingestor declares it (topology() only
         # reads the queue name and delivery limit; the ledger is not used).

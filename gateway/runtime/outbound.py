@@ -1,31 +1,36 @@
-"""Outbound sends: a connector's command queue to provider calls and statuses.
+"""Outbound commands: a connector's command queues to provider calls and outcomes.
 
-For each command:
+Two workers share one set of guarantees (:class:`CommandGuard`): the
+:class:`CommandWorker` consumes a connector's send queue and calls
+:meth:`Connector.send`; the :class:`CallCommandWorker` consumes a voice
+connector's call queue and calls :meth:`CallControl.call`. For each command:
 
-1. claim ``send:<connector>:<message id>:<attempt>`` in the send ledger before
-   calling the provider, so a command redelivered after a crash is recognized;
-2. call the connector with retries for transient errors only (tenacity,
+1. claim a ledger key (``send:<connector>:<message id>:<attempt>`` or
+   ``call:<connector>:<command id>``) before calling the provider, so a command
+   redelivered after a crash is recognized;
+2. call the provider with retries for transient errors only (tenacity,
    honouring Retry-After), within a bounded number of attempts;
-3. record the outcome in the ledger, then publish exactly one status event
-   (SENT/QUEUED with the provider id, or FAILED) with confirms, then ack.
+3. record the outcome in the ledger, then publish exactly one outcome event
+   (a ``message.status`` or a ``call.command``) with confirms, then ack.
 
 A redelivered command whose ledger record is done re-publishes the recorded
-status (same deterministic event id) instead of sending again. While a worker
-sends, it keeps a short lease alive beside its claim: a copy of the command that
-finds the claim pending and the lease alive is being sent elsewhere right now,
-so it waits for that outcome. A pending claim with no live lease was
-interrupted mid-call: unless the provider takes an idempotency key the outcome
-is unknown, so it ends FAILED with reason ``ambiguous_send`` rather than risk a
-duplicate send.
+outcome (same deterministic event id) instead of calling the provider again.
+While a worker calls the provider, it keeps a short lease alive beside its
+claim: a copy of the command that finds the claim pending and the lease alive
+is being executed elsewhere right now, so it waits for that outcome. A pending
+claim with no live lease was interrupted mid-call: unless the provider takes an
+idempotency key the outcome is unknown, so it ends FAILED with reason
+``ambiguous_send`` rather than risk a duplicate send (or a second call placed).
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Mapping
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime
+from typing import Any, TypeVar
 
 from google.protobuf.timestamp_pb2 import Timestamp
 from tenacity import (
@@ -36,10 +41,11 @@ from tenacity import (
     wait_exponential_jitter,
 )
 
+from gateway.api.v1.call_pb2 import CallCommand, CallCommandOutcome, CallCommandResult
 from gateway.api.v1.command_pb2 import SendMessageCommand
 from gateway.api.v1.delivery_pb2 import DeliveryState, DeliveryStatus
 from gateway.api.v1.envelope_pb2 import Event
-from gateway.contract.connector import Connector, ConnectorSpec, SendResult
+from gateway.contract.connector import CallControl, Connector, ConnectorSpec, SendResult
 from gateway.contract.errors import (
     AmbiguousSendError,
     BadRequestError,
@@ -49,11 +55,12 @@ from gateway.contract.errors import (
 )
 from gateway.contract.ids import inbound_event_id
 from gateway.runtime.bus import Delivery
-from gateway.runtime.codec import decode_command
+from gateway.runtime.codec import decode_call_command, decode_command
 from gateway.runtime.config import SendSettings
 from gateway.runtime.idempotency import Claim, ClaimState, IdempotencyStore
 from gateway.runtime.publisher import EventPublisher
 from gateway.runtime.telemetry import (
+    CALL_COMMANDS,
     DEAD_LETTERS,
     SEND_RETRIES,
     SENDS,
@@ -61,6 +68,7 @@ from gateway.runtime.telemetry import (
     get_logger,
     tracer,
 )
+from gateway.runtime.topology import Topology, call_command_queue, command_queue
 
 log = get_logger("gateway.outbound")
 
@@ -70,74 +78,119 @@ SEND_LEASE_SECONDS = 10.0
 #: How often a waiting copy of a command looks for the other sender's outcome.
 _POLL_SECONDS = 0.1
 
+#: Event type of a call command's outcome (routing key ``call.command.<channel>.<provider>``).
+CALL_COMMAND_EVENT_TYPE = "call.command"
 
-def status_event(
-    command: SendMessageCommand,
-    *,
-    account: str,
-    status: DeliveryStatus,
-    attributes: dict[str, str] | None = None,
-) -> Event:
-    """The status event of a send outcome; its id is deterministic per
-    (message, attempt, state) so a re-published outcome dedupes downstream."""
-    attempt = command.attempt or 1
-    status.message_id = command.message_id
-    status.attempt = attempt
-    if not status.recipient and command.message.recipients:
-        status.recipient = command.message.recipients[0].address
+_T = TypeVar("_T")
+_Command = TypeVar("_Command", SendMessageCommand, CallCommand)
+
+
+def command_topology(spec: ConnectorSpec, delivery_limit: int) -> Topology:
+    """The command queues a service hosting ``spec`` consumes.
+
+    Every connector has a send queue; one whose manifest lists
+    ``call_actions`` also has a call-command queue. The service declares
+    exactly this and ``scripts/gen_definitions.py`` ships it as broker
+    definitions.
+    """
+    queues = [command_queue(spec.channel, spec.provider, delivery_limit)]
+    if spec.manifest.call_actions:
+        queues.append(call_command_queue(spec.channel, spec.provider, delivery_limit))
+    return Topology(queues=tuple(queues))
+
+
+def _now() -> Timestamp:
     now = Timestamp()
     now.FromDatetime(datetime.now(UTC))
-    event = Event(
-        id=inbound_event_id(
-            command.provider,
-            account or "-",
-            "send",
-            command.message_id,
-            str(attempt),
-            DeliveryState.Name(status.state),
-        ),
-        type="message.status",
-        channel=command.channel,
-        provider=command.provider,
-        account=account,
-        occurred_at=now,
-        received_at=now,
-        correlation_id=command.correlation_id,
-        causation_id=command.message_id,
-        conversation_id=command.conversation_id,
-        status=status,
-    )
-    event.attributes.update(command.metadata)
-    if attributes:
-        event.attributes.update(attributes)
-    return event
+    return now
 
 
-def _failed(exc: ConnectorError, *, permanent: bool) -> DeliveryStatus:
-    return DeliveryStatus(
-        state=DeliveryState.DELIVERY_STATE_FAILED,
-        reason_code=exc.code,
-        reason=str(exc)[:500],
-        permanent=permanent,
-    )
+def _expired(command: SendMessageCommand | CallCommand) -> bool:
+    return command.HasField("expires_at") and command.expires_at.ToDatetime(
+        tzinfo=UTC
+    ) < datetime.now(UTC)
 
 
-class CommandWorker:
-    """Handles deliveries from one connector's command queue."""
+class CommandGuard:
+    """What every outbound worker needs between the broker and a provider call.
+
+    It accepts (or dead-letters) deliveries, runs a command at most once per
+    ledger key (claim, live-sender lease, ambiguity after a crash), retries
+    transient provider errors and records outcomes before they are published.
+    """
 
     def __init__(
-        self,
-        spec: ConnectorSpec,
-        connector: Connector,
-        publisher: EventPublisher,
-        ledger: IdempotencyStore,
-        settings: SendSettings,
+        self, spec: ConnectorSpec, ledger: IdempotencyStore, settings: SendSettings
     ) -> None:
-        self._spec, self._connector = spec, connector
-        self._publisher, self._ledger, self._settings = publisher, ledger, settings
-        self._sends = {o: SENDS.labels(spec.name, o) for o in ("sent", "failed", "replayed")}
+        self._spec, self._ledger, self._settings = spec, ledger, settings
         self._retries = SEND_RETRIES.labels(spec.name)
         self._dead_letters = DEAD_LETTERS.labels(spec.name)
+
+    def accept(self, delivery: Delivery, decode: Callable[[Delivery], _Command]) -> _Command:
+        """The command in ``delivery``, if it is well-formed and for this connector.
+
+        Raises BadRequestError or PermanentError otherwise (the bus rejects the
+        message to the dead-letter exchange: no retry can make it valid).
+        """
+        try:
+            command = decode(delivery)
+            if (command.channel, command.provider) != (self._spec.channel, self._spec.provider):
+                raise PermanentError(
+                    f"command for {command.channel}.{command.provider} on {self._spec.name}"
+                )
+        except (BadRequestError, PermanentError):
+            self._dead_letters.inc()
+            raise
+        return command
+
+    async def run_once(
+        self,
+        key: str,
+        *,
+        repeatable: bool,
+        execute: Callable[[], Awaitable[None]],
+        replay: Callable[[dict[str, Any]], Awaitable[None]],
+        interrupted: Callable[[], Awaitable[None]],
+    ) -> None:
+        """Execute the command of ledger key ``key`` unless it was executed before.
+
+        ``execute`` runs under the claim and a live lease, and must
+        :meth:`record` the outcome before publishing it. ``replay`` gets the
+        recorded outcome of a command done before (or by a concurrent copy);
+        ``interrupted`` runs instead of ``execute`` when an earlier delivery
+        died mid-call and the provider call is not ``repeatable``.
+        """
+        claim = await self._ledger.claim(key, ttl=self._settings.record_ttl)
+        if claim.state is ClaimState.PENDING:
+            claim = await self._await_other_sender(key)
+        if claim.state is ClaimState.DONE and claim.value is not None:
+            await replay(json.loads(claim.value))
+            return
+        if claim.state is ClaimState.PENDING and not repeatable:
+            await interrupted()
+            return
+        async with self._lease(key):
+            await execute()
+
+    async def record(self, key: str, record: Mapping[str, Any]) -> None:
+        """Complete ``key`` with an outcome (before it is published: if the
+        publish fails, the redelivered command re-publishes instead of calling
+        the provider again)."""
+        await self._ledger.complete(key, json.dumps(record), ttl=self._settings.record_ttl)
+
+    async def call_with_retries(self, call: Callable[[], Awaitable[_T]]) -> _T:
+        """``call()``, repeated on TransientError with backoff, bounded attempts."""
+        retrying = AsyncRetrying(
+            stop=stop_after_attempt(self._settings.max_attempts),
+            wait=self._wait,
+            retry=retry_if_exception(self._retryable),
+            before_sleep=lambda _: self._retries.inc(),
+            reraise=True,
+        )
+        async for attempt in retrying:
+            with attempt:
+                return await call()
+        raise AssertionError("unreachable: tenacity reraises")  # pragma: no cover
 
     def _retryable(self, exc: BaseException) -> bool:
         return isinstance(exc, TransientError) and (
@@ -152,47 +205,12 @@ class CommandWorker:
         hint = exc.retry_after if isinstance(exc, TransientError) and exc.retry_after else 0.0
         return max(backoff, hint)
 
-    async def _send_with_retries(self, command: SendMessageCommand) -> SendResult:
-        retrying = AsyncRetrying(
-            stop=stop_after_attempt(self._settings.max_attempts),
-            wait=self._wait,
-            retry=retry_if_exception(self._retryable),
-            before_sleep=lambda _: self._retries.inc(),
-            reraise=True,
-        )
-        async for attempt in retrying:
-            with attempt:
-                return await self._connector.send(command)
-        raise AssertionError("unreachable: tenacity reraises")  # pragma: no cover
-
-    async def handle(self, delivery: Delivery) -> None:
-        """Process one command delivery (the bus acks when this returns)."""
-        try:
-            command = decode_command(delivery)
-            if (command.channel, command.provider) != (self._spec.channel, self._spec.provider):
-                raise PermanentError(
-                    f"command for {command.channel}.{command.provider} on {self._spec.name}"
-                )
-        except (BadRequestError, PermanentError):
-            self._dead_letters.inc()  # the bus rejects it to the dead-letter exchange
-            raise
-        with tracer().start_as_current_span(
-            f"send {self._spec.name}",
-            context=extract_trace_context(delivery.headers),
-            attributes={
-                "messaging.message.id": command.message_id,
-                "gateway.connector": self._spec.name,
-                "messaging.rabbitmq.delivery_count": delivery.delivery_count,
-            },
-        ):
-            await self._process(command)
-
     @asynccontextmanager
     async def _lease(self, key: str) -> AsyncIterator[None]:
-        """Tell concurrent copies of this command that a live worker is sending it."""
+        """Tell concurrent copies of this command that a live worker is executing it."""
         lease_key = f"lease:{key}"
-        # Taken before the first await of the send, so a copy that finds the
-        # claim pending finds the lease too.
+        # Taken before the first await of the provider call, so a copy that
+        # finds the claim pending finds the lease too.
         await self._ledger.complete(lease_key, "alive", ttl=SEND_LEASE_SECONDS)
 
         async def renew() -> None:
@@ -229,14 +247,93 @@ class CommandWorker:
                 return await self._ledger.claim(key, ttl=self._settings.record_ttl)
             await asyncio.sleep(_POLL_SECONDS)
 
+
+# -- sends -----------------------------------------------------------------------------------
+
+
+def status_event(
+    command: SendMessageCommand,
+    *,
+    account: str,
+    status: DeliveryStatus,
+    attributes: dict[str, str] | None = None,
+) -> Event:
+    """The status event of a send outcome; its id is deterministic per
+    (message, attempt, state) so a re-published outcome dedupes downstream."""
+    attempt = command.attempt or 1
+    status.message_id = command.message_id
+    status.attempt = attempt
+    if not status.recipient and command.message.recipients:
+        status.recipient = command.message.recipients[0].address
+    now = _now()
+    event = Event(
+        id=inbound_event_id(
+            command.provider,
+            account or "-",
+            "send",
+            command.message_id,
+            str(attempt),
+            DeliveryState.Name(status.state),
+        ),
+        type="message.status",
+        channel=command.channel,
+        provider=command.provider,
+        account=account,
+        occurred_at=now,
+        received_at=now,
+        correlation_id=command.correlation_id,
+        causation_id=command.message_id,
+        conversation_id=command.conversation_id,
+        status=status,
+    )
+    event.attributes.update(command.metadata)
+    if attributes:
+        event.attributes.update(attributes)
+    return event
+
+
+def _failed(exc: ConnectorError, *, permanent: bool) -> DeliveryStatus:
+    return DeliveryStatus(
+        state=DeliveryState.DELIVERY_STATE_FAILED,
+        reason_code=exc.code,
+        reason=str(exc)[:500],
+        permanent=permanent,
+    )
+
+
+class CommandWorker:
+    """Handles deliveries from one connector's send-command queue."""
+
+    def __init__(
+        self,
+        spec: ConnectorSpec,
+        connector: Connector,
+        publisher: EventPublisher,
+        ledger: IdempotencyStore,
+        settings: SendSettings,
+    ) -> None:
+        self._spec, self._connector, self._publisher = spec, connector, publisher
+        self._guard = CommandGuard(spec, ledger, settings)
+        self._sends = {o: SENDS.labels(spec.name, o) for o in ("sent", "failed", "replayed")}
+
+    async def handle(self, delivery: Delivery) -> None:
+        """Process one command delivery (the bus acks when this returns)."""
+        command = self._guard.accept(delivery, decode_command)
+        with tracer().start_as_current_span(
+            f"send {self._spec.name}",
+            context=extract_trace_context(delivery.headers),
+            attributes={
+                "messaging.message.id": command.message_id,
+                "gateway.connector": self._spec.name,
+                "messaging.rabbitmq.delivery_count": delivery.delivery_count,
+            },
+        ):
+            await self._process(command)
+
     async def _process(self, command: SendMessageCommand) -> None:
         key = f"send:{self._spec.name}:{command.message_id}:{command.attempt or 1}"
-        ttl = self._settings.record_ttl
-        claim = await self._ledger.claim(key, ttl=ttl)
-        if claim.state is ClaimState.PENDING:
-            claim = await self._await_other_sender(key)
-        if claim.state is ClaimState.DONE and claim.value is not None:
-            record = json.loads(claim.value)
+
+        async def replay(record: dict[str, Any]) -> None:
             status = DeliveryStatus()
             status.ParseFromString(bytes.fromhex(record["status"]))
             self._sends["replayed"].inc()
@@ -251,21 +348,24 @@ class CommandWorker:
                     attributes=record.get("attributes"),
                 )
             )
-            return
-        if claim.state is ClaimState.PENDING and not self._connector.manifest.idempotent_send:
+
+        async def interrupted() -> None:
             exc = AmbiguousSendError("a previous delivery of this command was interrupted mid-send")
             await self._finish(
                 command, key, account=command.account, status=_failed(exc, permanent=False)
             )
-            return
-        async with self._lease(key):
-            await self._send_claimed(command, key)
+
+        await self._guard.run_once(
+            key,
+            repeatable=self._connector.manifest.idempotent_send,
+            execute=lambda: self._send_claimed(command, key),
+            replay=replay,
+            interrupted=interrupted,
+        )
 
     async def _send_claimed(self, command: SendMessageCommand, key: str) -> None:
         """Send a command this worker holds the claim of, and record the outcome."""
-        if command.HasField("expires_at") and command.expires_at.ToDatetime(
-            tzinfo=UTC
-        ) < datetime.now(UTC):
+        if _expired(command):
             status = DeliveryStatus(
                 state=DeliveryState.DELIVERY_STATE_EXPIRED,
                 reason_code="ttl_expired",
@@ -275,12 +375,12 @@ class CommandWorker:
             await self._finish(command, key, account=command.account, status=status)
             return
         try:
-            result = await self._send_with_retries(command)
+            result: SendResult = await self._guard.call_with_retries(
+                lambda: self._connector.send(command)
+            )
         except PermanentError as exc:
             status = _failed(exc, permanent=True)
-        except AmbiguousSendError as exc:
-            status = _failed(exc, permanent=False)
-        except TransientError as exc:
+        except (AmbiguousSendError, TransientError) as exc:
             status = _failed(exc, permanent=False)
         else:
             status = DeliveryStatus(
@@ -308,14 +408,14 @@ class CommandWorker:
         status: DeliveryStatus,
         attributes: dict[str, str] | None = None,
     ) -> None:
-        # Record first: if the status publish fails, the redelivered command
-        # finds the record and re-publishes instead of sending again.
-        record = {
-            "account": account,
-            "status": status.SerializeToString().hex(),
-            "attributes": attributes or {},
-        }
-        await self._ledger.complete(key, json.dumps(record), ttl=self._settings.record_ttl)
+        await self._guard.record(
+            key,
+            {
+                "account": account,
+                "status": status.SerializeToString().hex(),
+                "attributes": attributes or {},
+            },
+        )
         failed = status.state == DeliveryState.DELIVERY_STATE_FAILED
         self._sends["failed" if failed else "sent"].inc()
         log.info(
@@ -328,3 +428,223 @@ class CommandWorker:
         await self._publisher.publish(
             status_event(command, account=account, status=status, attributes=attributes)
         )
+
+
+# -- call commands ---------------------------------------------------------------------------
+
+
+def call_command_event(
+    command: CallCommand,
+    *,
+    account: str,
+    result: CallCommandResult,
+    attributes: Mapping[str, str] | None = None,
+) -> Event:
+    """The ``call.command`` event of a call command's outcome.
+
+    Its id is deterministic per (command, outcome), so the outcome a
+    redelivered command re-publishes has the id of the first one, and
+    ``causation_id`` is the command id.
+    """
+    result.command_id = command.command_id
+    result.action = command.WhichOneof("action") or ""
+    now = _now()
+    event = Event(
+        id=inbound_event_id(
+            command.provider,
+            account or "-",
+            "call_command",
+            command.command_id,
+            CallCommandOutcome.Name(result.outcome),
+        ),
+        type=CALL_COMMAND_EVENT_TYPE,
+        channel=command.channel,
+        provider=command.provider,
+        account=account,
+        occurred_at=now,
+        received_at=now,
+        correlation_id=command.correlation_id,
+        causation_id=command.command_id,
+        conversation_id=command.conversation_id,
+        call_command=result,
+    )
+    event.attributes.update(command.metadata)
+    if attributes:
+        event.attributes.update(attributes)
+    return event
+
+
+def _controlled_call_id(command: CallCommand) -> str:
+    """The live call a command controls (empty for ``place``: no call yet)."""
+    action = command.WhichOneof("action")
+    if action is None or action == "place":
+        return ""
+    return str(getattr(command, action).call_id)
+
+
+def _call_failed(
+    command: CallCommand, code: str, reason: str, *, permanent: bool
+) -> CallCommandResult:
+    return CallCommandResult(
+        outcome=CallCommandOutcome.CALL_COMMAND_OUTCOME_FAILED,
+        call_id=_controlled_call_id(command),
+        reason_code=code,
+        reason=reason[:500],
+        permanent=permanent,
+    )
+
+
+class CallCommandWorker:
+    """Handles deliveries from one voice connector's call-command queue.
+
+    The same guarantees as :class:`CommandWorker` (see the module docstring),
+    keyed ``call:<connector>:<command id>``. A call command is never repeated
+    after an interrupted provider call: placing a call twice rings a customer
+    twice. An action the connector does not list in ``call_actions`` ends
+    FAILED (permanent, ``unsupported_action``), never in a dead-letter loop.
+    """
+
+    def __init__(
+        self,
+        spec: ConnectorSpec,
+        connector: CallControl,
+        publisher: EventPublisher,
+        ledger: IdempotencyStore,
+        settings: SendSettings,
+        *,
+        actions: Collection[str],
+    ) -> None:
+        self._spec, self._connector, self._publisher = spec, connector, publisher
+        self._actions = frozenset(actions)
+        self._guard = CommandGuard(spec, ledger, settings)
+
+    async def handle(self, delivery: Delivery) -> None:
+        """Process one call-command delivery (the bus acks when this returns)."""
+        command = self._guard.accept(delivery, decode_call_command)
+        with tracer().start_as_current_span(
+            f"call {self._spec.name}",
+            context=extract_trace_context(delivery.headers),
+            attributes={
+                "messaging.message.id": command.command_id,
+                "gateway.connector": self._spec.name,
+                "gateway.call.action": command.WhichOneof("action") or "",
+                "messaging.rabbitmq.delivery_count": delivery.delivery_count,
+            },
+        ):
+            await self._process(command)
+
+    async def _process(self, command: CallCommand) -> None:
+        key = f"call:{self._spec.name}:{command.command_id}"
+
+        async def replay(record: dict[str, Any]) -> None:
+            result = CallCommandResult()
+            result.ParseFromString(bytes.fromhex(record["result"]))
+            self._count(command, "replayed")
+            log.info(
+                "call command already handled; re-publishing its outcome",
+                command_id=command.command_id,
+            )
+            await self._publisher.publish(
+                call_command_event(
+                    command,
+                    account=record["account"],
+                    result=result,
+                    attributes=record.get("attributes"),
+                )
+            )
+
+        async def interrupted() -> None:
+            result = _call_failed(
+                command,
+                AmbiguousSendError.code,
+                "a previous delivery of this command was interrupted mid-call",
+                permanent=False,
+            )
+            await self._finish(command, key, account=command.account, result=result)
+
+        await self._guard.run_once(
+            key,
+            repeatable=False,
+            execute=lambda: self._call_claimed(command, key),
+            replay=replay,
+            interrupted=interrupted,
+        )
+
+    async def _call_claimed(self, command: CallCommand, key: str) -> None:
+        """Execute a command this worker holds the claim of, and record the outcome."""
+        action = command.WhichOneof("action") or ""
+        if action not in self._actions:
+            result = _call_failed(
+                command,
+                "unsupported_action",
+                f"{self._spec.name} does not support call action {action!r} "
+                f"(supported: {', '.join(sorted(self._actions)) or 'none'})",
+                permanent=True,
+            )
+        elif _expired(command):
+            result = CallCommandResult(
+                outcome=CallCommandOutcome.CALL_COMMAND_OUTCOME_EXPIRED,
+                call_id=_controlled_call_id(command),
+                reason_code="ttl_expired",
+                reason="command expired before it was executed",
+                permanent=True,
+            )
+        else:
+            try:
+                accepted = await self._guard.call_with_retries(
+                    lambda: self._connector.call(command)
+                )
+            except PermanentError as exc:
+                result = _call_failed(command, exc.code, str(exc), permanent=True)
+            except (AmbiguousSendError, TransientError) as exc:
+                result = _call_failed(command, exc.code, str(exc), permanent=False)
+            else:
+                result = CallCommandResult(
+                    outcome=CallCommandOutcome.CALL_COMMAND_OUTCOME_ACCEPTED,
+                    call_id=accepted.call_id,
+                    provider_status=accepted.provider_status,
+                )
+                await self._finish(
+                    command,
+                    key,
+                    account=accepted.account,
+                    result=result,
+                    attributes=dict(accepted.attributes),
+                )
+                return
+        await self._finish(command, key, account=command.account, result=result)
+
+    async def _finish(
+        self,
+        command: CallCommand,
+        key: str,
+        *,
+        account: str,
+        result: CallCommandResult,
+        attributes: dict[str, str] | None = None,
+    ) -> None:
+        await self._guard.record(
+            key,
+            {
+                "account": account,
+                "result": result.SerializeToString().hex(),
+                "attributes": attributes or {},
+            },
+        )
+        outcome = CallCommandOutcome.Name(result.outcome).removeprefix("CALL_COMMAND_OUTCOME_")
+        self._count(command, outcome.lower())
+        log.info(
+            "call command finished",
+            connector=self._spec.name,
+            command_id=command.command_id,
+            action=command.WhichOneof("action"),
+            outcome=outcome,
+            call_id=result.call_id or None,
+            reason_code=result.reason_code or None,
+        )
+        await self._publisher.publish(
+            call_command_event(command, account=account, result=result, attributes=attributes)
+        )
+
+    def _count(self, command: CallCommand, outcome: str) -> None:
+        CALL_COMMANDS.labels(self._spec.name, command.WhichOneof("action") or "", outcome).inc()

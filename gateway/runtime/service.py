@@ -21,7 +21,7 @@ from aiohttp import web
 
 from gateway.api.v1.envelope_pb2 import Event
 from gateway.contract import registry
-from gateway.contract.connector import Connector, ConnectorSpec, Logger, WebhookRoute
+from gateway.contract.connector import CallControl, Connector, ConnectorSpec, Logger, WebhookRoute
 from gateway.contract.errors import ConfigError, TransientError
 from gateway.runtime.amqp_bus import AmqpBus
 from gateway.runtime.bus import Bus, Subscription
@@ -30,14 +30,14 @@ from gateway.runtime.config import RuntimeSettings
 from gateway.runtime.idempotency import IdempotencyStore, RedisIdempotencyStore, open_store
 from gateway.runtime.ingress import MountedConnector, build_app, route_path
 from gateway.runtime.memory_bus import InMemoryBus
-from gateway.runtime.outbound import CommandWorker
+from gateway.runtime.outbound import CallCommandWorker, CommandWorker, command_topology
 from gateway.runtime.publisher import EventPublisher
 from gateway.runtime.telemetry import ensure_tracing, get_logger
 from gateway.runtime.topology import (
     DEAD_EXCHANGE,
     Topology,
     base_topology,
-    command_queue,
+    call_command_queue_name,
     command_queue_name,
     subscription_queue,
 )
@@ -108,6 +108,8 @@ class HostedConnector:
     connector: Connector
     publisher: EventPublisher
     worker: CommandWorker
+    #: Consumes the call-command queue (voice connectors with ``call_actions``).
+    call_worker: CallCommandWorker | None = None
 
 
 class Service:
@@ -156,7 +158,7 @@ class Service:
         limit = self.settings.broker.delivery_limit
         topo = base_topology()
         for spec in specs:
-            topo = topo.merge(Topology(queues=(command_queue(spec.channel, spec.provider, limit),)))
+            topo = topo.merge(command_topology(spec, limit))
         for sub in self.settings.subscriptions:
             topo = topo.merge(
                 Topology(queues=(subscription_queue(sub.queue, sub.bindings, limit),))
@@ -212,6 +214,7 @@ class Service:
                     connector=connector,
                     publisher=publisher,
                     worker=worker,
+                    call_worker=self._call_worker(spec, connector, publisher),
                 )
             )
             mounted.append(
@@ -249,7 +252,32 @@ class Service:
                 prefetch=self.settings.broker.prefetch,
             )
             self._subscriptions.append(sub)
+            if hosted.call_worker is not None:
+                sub = await self.bus.consume(
+                    call_command_queue_name(hosted.spec.channel, hosted.spec.provider),
+                    hosted.call_worker.handle,
+                    prefetch=self.settings.broker.prefetch,
+                )
+                self._subscriptions.append(sub)
         log.info("service started", connectors=self.names, url=self.base_url)
+
+    def _call_worker(
+        self, spec: ConnectorSpec, connector: Connector, publisher: EventPublisher
+    ) -> CallCommandWorker | None:
+        """The call-command worker of a connector whose manifest lists call actions."""
+        actions = spec.manifest.call_actions
+        if not actions:
+            return None
+        if not isinstance(connector, CallControl):
+            # Its call queue is declared (from the manifest): without a consumer,
+            # commands would pile up there unanswered.
+            raise ConfigError(
+                f"{spec.name} lists call_actions ({', '.join(actions)}) in its manifest "
+                "but does not implement CallControl.call"
+            )
+        return CallCommandWorker(
+            spec, connector, publisher, self.store, self.settings.send, actions=actions
+        )
 
     def _bound_port(self) -> int:
         assert self._runner is not None
