@@ -26,6 +26,17 @@ import yaml
 from pydantic import BaseModel
 
 from connectors.email.settings import MimeCaps
+from connectors.voice.flow import (
+    Enqueue,
+    Forward,
+    Gather,
+    Goto,
+    Hangup,
+    Play,
+    Record,
+    Say,
+    VoiceFlows,
+)
 from gateway.contract import registry
 from gateway.contract.errors import ConfigError
 from gateway.ledger.ingest import DEFAULT_QUEUE as STATUS_QUEUE
@@ -45,7 +56,12 @@ from gateway.runtime.idempotency import MemoryIdempotencyStore
 from gateway.runtime.ingress import build_app
 from gateway.runtime.memory_bus import InMemoryBus
 from gateway.runtime.service import Service
-from gateway.runtime.topology import COMMANDS_EXCHANGE, DEAD_EXCHANGE, EVENTS_EXCHANGE
+from gateway.runtime.topology import (
+    COMMANDS_EXCHANGE,
+    DEAD_EXCHANGE,
+    EVENTS_EXCHANGE,
+    topic_matches,
+)
 from gateway.server.settings import GatewaySettings, gateway_settings
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -76,6 +92,7 @@ SERVICE_CHANNELS = {
     "email": ("email",),
     "sms": ("sms",),
     "social": ("whatsapp", "messenger", "instagram", "telegram"),
+    "voice": ("voice",),
 }
 
 
@@ -243,13 +260,67 @@ def test_example_config_lists_every_key_with_its_default(example_raw: dict[str, 
             shown = set().union(*(set(a) for a in section[accounts].values()))
             assert shown == _keys_of(account_type), f"{name}.{accounts}"
         # Nested sections list every key: whatsapp.meta's media fetch caps, the email
-        # sections' hostile-mail caps, email.smtp's listener and relay.
-        for key in ("media", "mime", "inbound", "submission"):
+        # sections' hostile-mail caps, email.smtp's listener and relay, the voice call flows.
+        for key in ("media", "mime", "inbound", "submission", "call_flows"):
             if isinstance(section.get(key), dict):
                 nested = _model_of(spec.settings.model_fields[key].annotation)
                 assert set(section[key]) == _keys_of(nested), f"{name}.{key}"
         if "mime" in section:  # shown at its defaults, as the comments say
             assert MimeCaps.model_validate(section["mime"]) == MimeCaps(), f"{name}.mime"
+
+
+def test_example_voice_flows_show_every_step_and_route_every_call_event(
+    example_raw: dict[str, Any], secret_env: dict[str, str]
+) -> None:
+    """The voice sections: one flow definition shared by both providers showing every step
+    type, a voice number per provider, and a subscription binding that routes every event
+    the voice connectors publish (mandatory publishes: an unbound call event is a failure)."""
+    settings = load_config(EXAMPLE, environ=secret_env)
+    twilio: Any = settings.connector_settings(registry.load("voice.twilio"), secret_env)
+    vonage: Any = settings.connector_settings(registry.load("voice.vonage"), secret_env)
+    assert twilio.call_flows == vonage.call_flows  # the YAML anchor, resolved
+    flows: VoiceFlows = twilio.call_flows
+    kinds = {
+        type(action)
+        for flow in flows.flows.values()
+        for actions in flow.steps.values()
+        for action in actions
+    }
+    assert kinds == {Say, Play, Gather, Record, Forward, Enqueue, Goto, Hangup}
+    forwards = [
+        action.forward
+        for flow in flows.flows.values()
+        for actions in flow.steps.values()
+        for action in actions
+        if isinstance(action, Forward)
+    ]
+    assert {f.number is not None for f in forwards} == {True, False}  # a number and a SIP URI
+    # Each provider's voice number answers with a flow: the Twilio SMS account's first number
+    # and the Vonage main account's.
+    sms_twilio = example_raw["connectors"]["sms.twilio"]["accounts"]["main"]["numbers"][0]
+    sms_vonage = example_raw["connectors"]["sms.vonage"]["accounts"]["main"]["numbers"][0]
+    assert flows.numbers.keys() >= {sms_twilio, sms_vonage}
+    # The voice accounts are the SMS accounts: same account, same secret variable.
+    assert (
+        twilio.accounts["main"].account_sid
+        == (example_raw["connectors"]["sms.twilio"]["accounts"]["main"]["account_sid"])
+    )
+    assert (
+        twilio.accounts["main"].auth_token.get_secret_value()
+        == (secret_env["TWILIO_MAIN_AUTH_TOKEN"])
+    )
+    assert (
+        vonage.accounts["main"].signature_secret.get_secret_value()
+        == (secret_env["VONAGE_MAIN_SIGNATURE_SECRET"])
+    )
+
+    bindings = [b for sub in settings.subscriptions for b in sub.bindings]
+    assert "call.#" in bindings
+    for name in ("voice.twilio", "voice.vonage"):
+        spec = registry.load(name)
+        for event_type in spec.manifest.event_types:
+            key = f"{event_type}.{spec.channel}.{spec.provider}"
+            assert any(topic_matches(b, key) for b in bindings), key
 
 
 def test_example_config_holds_no_literal_secret(example_raw: dict[str, Any]) -> None:
@@ -513,7 +584,16 @@ def test_compose_wires_broker_redis_and_the_connector_services(
 ) -> None:
     compose = yaml.safe_load((DEPLOY / "compose.yaml").read_text())
     services = compose["services"]
-    assert set(services) == {"rabbitmq", "redis", "sms", "social", "email", "postgres", "gateway"}
+    assert set(services) == {
+        "rabbitmq",
+        "redis",
+        "sms",
+        "social",
+        "email",
+        "voice",
+        "postgres",
+        "gateway",
+    }
     port = HttpSettings().port
     # Each service hosts connectors the example configures.
     hosted = {n.split(".")[0] for n in example_raw["connectors"]} & set(SERVICE_CHANNELS[service])
@@ -673,7 +753,7 @@ def test_email_service_publishes_smtp_and_keeps_imap_state(example_raw: dict[str
     (port,) = smtp_service["spec"]["ports"]
     assert (port["port"], port["targetPort"]) == (25, "smtp")
     # No other component's selector catches email pods.
-    for other in ("sms", "social"):
+    for other in ("sms", "social", "voice"):
         assert not _k8s(other)["Service"]["spec"]["selector"].items() <= labels.items()
 
 
