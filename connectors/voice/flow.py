@@ -531,6 +531,71 @@ def render_hold_twiml(flows: VoiceFlows, flow: str, step: str) -> bytes:
     return cast(bytes, ET.tostring(response, encoding="utf-8", xml_declaration=True))
 
 
+# -- TwiML for live-call commands ------------------------------------------------------
+#
+# A call command (place with say/play, transfer, enqueue, speak) hands Twilio a
+# whole TwiML document for one call instead of a flow step: these render the
+# same verbs as the flow steps above, one document each.
+
+
+def _twiml_document(response: ET.Element) -> bytes:
+    return cast(bytes, ET.tostring(response, encoding="utf-8", xml_declaration=True))
+
+
+def render_speak_twiml(
+    prompt: Prompt, *, voice: str | None = None, then_url: str | None = None
+) -> bytes:
+    """Say or play ``prompt``, then ``<Redirect>`` to ``then_url`` (a flow step
+    URL, so the flow continues) or ``<Hangup/>`` when there is none."""
+    response = ET.Element("Response")
+    _twiml_prompt(response, prompt)
+    if voice and isinstance(prompt, Say):
+        response[-1].set("voice", voice)
+    if then_url:
+        ET.SubElement(response, "Redirect", {"method": "POST"}).text = then_url
+    else:
+        ET.SubElement(response, "Hangup")
+    return _twiml_document(response)
+
+
+def render_dial_twiml(forward: ForwardSpec) -> bytes:
+    """``<Dial>`` the number or SIP URI of ``forward`` (a transfer of a live call)."""
+    response = ET.Element("Response")
+    attrs = {"timeout": str(forward.timeout)}
+    if forward.caller_id:
+        attrs["callerId"] = forward.caller_id
+    dial = ET.SubElement(response, "Dial", attrs)
+    if forward.number:
+        ET.SubElement(dial, "Number").text = forward.number
+    else:
+        ET.SubElement(dial, "Sip").text = forward.sip
+    return _twiml_document(response)
+
+
+def render_enqueue_twiml(queue: EnqueueSpec, wait_url: str | None = None) -> bytes:
+    """``<Enqueue>`` into ``queue``; ``wait_url`` (a hold route) plays the hold
+    music, else Twilio plays its default."""
+    attrs = {"waitUrl": wait_url, "waitUrlMethod": "POST"} if wait_url else {}
+    response = ET.Element("Response")
+    ET.SubElement(response, "Enqueue", attrs).text = queue.queue
+    return _twiml_document(response)
+
+
+def hold_step(flows: VoiceFlows, queue: str) -> tuple[str, str] | None:
+    """The first flow step (flow, step) that enqueues into ``queue`` with hold
+    music: its hold route serves that music to a call a command enqueues."""
+    for flow_name, flow in flows.flows.items():
+        for step_name, actions in flow.steps.items():
+            last = actions[-1]
+            if (
+                isinstance(last, Enqueue)
+                and last.enqueue.queue == queue
+                and last.enqueue.hold_music
+            ):
+                return flow_name, step_name
+    return None
+
+
 # -- NCCO ------------------------------------------------------------------------------
 
 
@@ -552,6 +617,12 @@ def _ncco_prompt(action: Prompt, *, barge_in: bool, language: str | None = None)
         "loop": action.loop,
         "bargeIn": barge_in,
     }
+
+
+def ncco_prompt(action: Prompt) -> dict[str, Any]:
+    """The NCCO ``talk``/``stream`` of one say or play, as a flow step renders
+    it (for call commands that speak on a live or placed call)."""
+    return _ncco_prompt(action, barge_in=False)
 
 
 def _ncco_number(e164: str) -> str:

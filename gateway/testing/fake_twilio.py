@@ -1,4 +1,4 @@
-"""A fake Twilio Messages API over real HTTP, built from Twilio's documented payloads.
+"""A fake Twilio Messages and Calls API over real HTTP, built from Twilio's documented payloads.
 
 It answers ``POST /2010-04-01/Accounts/{sid}/Messages.json`` like Twilio (201
 with a message resource, or Twilio's error body), records every call, can be
@@ -6,15 +6,32 @@ scripted to fail (429 with Retry-After, 5xx, a hang past the client timeout,
 a 4xx rejection), and plays the message's life back to the ``StatusCallback``
 URL as signed status callbacks (queued, sent, delivered), as Twilio does.
 
-Use it by pointing ``connectors.sms.twilio.api_base_url`` at :attr:`url`.
+Calls (https://www.twilio.com/docs/voice/api/call-resource): ``POST
+.../Calls.json`` creates a call (To, From and one of Url/Twiml/ApplicationSid
+required, else Twilio's 400 error body) and answers 201 with the call resource
+(``CA...`` sid, status ``queued``); the callee then goes through
+:attr:`FakeTwilio.call_progress` (initiated, ringing, answered, completed by
+default): each step the create asked for in ``StatusCallbackEvent`` is POSTed
+to ``StatusCallback`` signed with the auth token, as Twilio reports call
+progress, and on answer the call's ``Url`` is fetched (signed) like Twilio
+fetches TwiML. ``POST .../Calls/{sid}.json`` updates a call: 404 (20404) for a
+sid it never created, 400 (21220) once the call ended, ``Status=completed``
+hangs up (a ``completed`` callback follows), ``Twiml``/``Url`` are recorded.
+Every request is recorded in :attr:`FakeTwilio.call_requests`.
+
+Use it by pointing ``connectors.sms.twilio.api_base_url`` (or
+``connectors.voice.twilio.api_base_url``) at :attr:`url`.
 """
 
 from __future__ import annotations
 
 import asyncio
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from email.utils import format_datetime
 
+import aiohttp
 from aiohttp import web
 from multidict import MultiDict
 
@@ -31,6 +48,59 @@ class RecordedCall:
     authorization: str
 
 
+@dataclass(frozen=True, kw_only=True)
+class RecordedCallRequest:
+    """A create-call or update-call request as the fake received it."""
+
+    account_sid: str
+    #: The updated call's sid; "" for a create.
+    call_sid: str
+    form: MultiDict[str]
+    authorization: str
+
+
+#: StatusCallbackEvent name -> the CallStatus Twilio reports with it.
+CALL_PROGRESS_STATUS = {
+    "initiated": "initiated",
+    "ringing": "ringing",
+    "answered": "in-progress",
+    "completed": "completed",
+}
+#: Statuses after which a call cannot be updated (Twilio error 21220).
+ENDED_CALL_STATUSES = frozenset({"completed", "busy", "no-answer", "failed", "canceled"})
+
+
+@dataclass
+class FakeCall:
+    """A call the fake placed, and what happened to it."""
+
+    sid: str
+    account_sid: str
+    to: str
+    sender: str
+    status: str = "queued"
+    url: str = ""
+    twiml: str = ""
+    status_callback: str = ""
+    #: The StatusCallbackEvent values the create asked for.
+    events: frozenset[str] = frozenset()
+    #: (CallStatus, HTTP status of our webhook) of each status callback sent.
+    callbacks: list[tuple[str, int]] = field(default_factory=list)
+    #: The TwiML documents the call ran: answers to its Url, then updates.
+    documents: list[str] = field(default_factory=list)
+    answered_at: datetime | None = None
+
+
+def _twilio_error(code: int, message: str, status: int) -> web.Response:
+    body = {
+        "code": code,
+        "message": message,
+        "more_info": f"https://www.twilio.com/docs/errors/{code}",
+        "status": status,
+    }
+    return web.json_response(body, status=status)
+
+
 class FakeTwilio(FakeProviderServer):
     """Fake Twilio API on 127.0.0.1 (random port)."""
 
@@ -38,6 +108,8 @@ class FakeTwilio(FakeProviderServer):
 
     def add_routes(self, router: web.UrlDispatcher) -> None:
         router.add_post("/2010-04-01/Accounts/{sid}/Messages.json", self._create)
+        router.add_post("/2010-04-01/Accounts/{sid}/Calls.json", self._create_call)
+        router.add_post("/2010-04-01/Accounts/{sid}/Calls/{call}.json", self._update_call)
 
     def __init__(
         self,
@@ -45,13 +117,20 @@ class FakeTwilio(FakeProviderServer):
         auth_token: str,
         callback_statuses: tuple[str, ...] = ("sent", "delivered"),
         callback_delay: float = 0.01,
+        call_progress: tuple[str, ...] = ("initiated", "ringing", "answered", "completed"),
     ) -> None:
         super().__init__()
         self.auth_token = auth_token
         self.callback_statuses = callback_statuses
         self.callback_delay = callback_delay
+        #: What every placed call goes through (StatusCallbackEvent names, in
+        #: order); leave out "completed" to keep calls live for updates.
+        self.call_progress = call_progress
         self.calls: list[RecordedCall] = []
         self.callbacks_sent: list[tuple[str, str, int]] = []
+        self.call_requests: list[RecordedCallRequest] = []
+        #: Calls placed through the fake, by sid.
+        self.placed: dict[str, FakeCall] = {}
 
     # -- scripting ---------------------------------------------------------------
 
@@ -168,3 +247,171 @@ class FakeTwilio(FakeProviderServer):
         ) as resp:
             self.callbacks_sent.append((sid, status, resp.status))
             return resp.status
+
+    # -- calls -------------------------------------------------------------------
+
+    async def _record_call_request(self, request: web.Request) -> RecordedCallRequest:
+        form: MultiDict[str] = MultiDict((k, str(v)) for k, v in (await request.post()).items())
+        recorded = RecordedCallRequest(
+            account_sid=request.match_info["sid"],
+            call_sid=request.match_info.get("call", ""),
+            form=form,
+            authorization=request.headers.get("Authorization", ""),
+        )
+        self.call_requests.append(recorded)
+        return recorded
+
+    async def _scripted(self) -> web.Response | None:
+        answer = self.next_answer()
+        if answer.delay:
+            await asyncio.sleep(answer.delay)
+        if answer.status != self.default_status:
+            return web.json_response(answer.body, status=answer.status, headers=answer.headers)
+        return None
+
+    async def _create_call(self, request: web.Request) -> web.Response:
+        recorded = await self._record_call_request(request)
+        scripted = await self._scripted()
+        if scripted is not None:
+            return scripted
+        form = recorded.form
+        if not form.get("To"):
+            return _twilio_error(21201, "No 'To' number is specified", 400)
+        if not form.get("From"):
+            return _twilio_error(21213, "No 'From' number is specified", 400)
+        if not {"Url", "Twiml", "ApplicationSid"} & set(form):
+            return _twilio_error(21205, "Url parameter is required", 400)
+        events = frozenset(form.getall("StatusCallbackEvent", []))
+        unknown = events - set(CALL_PROGRESS_STATUS)
+        if unknown:
+            return _twilio_error(21626, f"Invalid StatusCallbackEvent {sorted(unknown)}", 400)
+        call = FakeCall(
+            sid=f"CA{uuid.uuid4().hex}",
+            account_sid=recorded.account_sid,
+            to=form["To"],
+            sender=form["From"],
+            url=form.get("Url", ""),
+            twiml=form.get("Twiml", ""),
+            status_callback=form.get("StatusCallback", ""),
+            # Without StatusCallbackEvent, Twilio reports only the end of the call.
+            events=events or frozenset({"completed"}),
+        )
+        self.placed[call.sid] = call
+        self.spawn(self._progress(call))
+        return web.json_response(self._call_resource(call), status=201)
+
+    async def _update_call(self, request: web.Request) -> web.Response:
+        recorded = await self._record_call_request(request)
+        scripted = await self._scripted()
+        if scripted is not None:
+            return scripted
+        call = self.placed.get(recorded.call_sid)
+        if call is None or call.account_sid != recorded.account_sid:
+            return _twilio_error(20404, f"The requested resource {request.path} was not found", 404)
+        if call.status in ENDED_CALL_STATUSES:
+            return _twilio_error(21220, "Call is not in-progress. Cannot redirect.", 400)
+        form = recorded.form
+        status = form.get("Status")
+        if status is not None and status not in ("completed", "canceled"):
+            return _twilio_error(20001, f"Invalid Status {status!r}", 400)
+        if status == "completed" or (status == "canceled" and call.status != "in-progress"):
+            # "canceled" only ends a call that was not answered yet.
+            self.end_call(call.sid, status)
+        elif form.get("Twiml"):
+            call.documents.append(form["Twiml"])
+        elif form.get("Url"):
+            call.url = form["Url"]
+            self.spawn(self._fetch_twiml(call))
+        return web.json_response(self._call_resource(call), status=200)
+
+    def end_call(self, sid: str, status: str = "completed") -> None:
+        """End a call (the callee hangs up); its ``completed`` callback follows."""
+        call = self.placed[sid]
+        if call.status in ENDED_CALL_STATUSES:
+            return
+        call.status = status
+        if "completed" in call.events:
+            self.spawn(self._send_call_status(call))
+
+    def _call_resource(self, call: FakeCall) -> dict[str, object]:
+        return {
+            "sid": call.sid,
+            "account_sid": call.account_sid,
+            "to": call.to,
+            "to_formatted": call.to,
+            "from": call.sender,
+            "from_formatted": call.sender,
+            "status": call.status,
+            "direction": "outbound-api",
+            "api_version": "2010-04-01",
+            "answered_by": None,
+            "parent_call_sid": None,
+            "start_time": None,
+            "end_time": None,
+            "duration": None,
+            "price": None,
+            "queue_time": "0",
+            "uri": f"/2010-04-01/Accounts/{call.account_sid}/Calls/{call.sid}.json",
+        }
+
+    async def _progress(self, call: FakeCall) -> None:
+        for event in self.call_progress:
+            await asyncio.sleep(self.callback_delay)
+            if call.status in ENDED_CALL_STATUSES:
+                return  # hung up by an update meanwhile
+            call.status = CALL_PROGRESS_STATUS[event]
+            if event == "answered":
+                call.answered_at = datetime.now(UTC)
+                if call.twiml:
+                    call.documents.append(call.twiml)
+                elif call.url:
+                    await self._fetch_twiml(call)
+            if event in call.events:
+                await self._send_call_status(call)
+
+    def _call_params(self, call: FakeCall) -> dict[str, str]:
+        # The parameters of every voice request Twilio makes for an outbound call.
+        return {
+            "AccountSid": call.account_sid,
+            "ApiVersion": "2010-04-01",
+            "CallSid": call.sid,
+            "CallStatus": call.status,
+            "Called": call.to,
+            "Caller": call.sender,
+            "Direction": "outbound-api",
+            "From": call.sender,
+            "To": call.to,
+        }
+
+    async def _signed_post(self, url: str, params: dict[str, str]) -> tuple[int, str]:
+        """POST a signed voice request; (HTTP status, body), status 0 when the
+        webhook cannot be reached (Twilio logs that and carries on)."""
+        signature = compute_signature(self.auth_token, url, {k: [v] for k, v in params.items()})
+        try:
+            async with self.session.post(
+                url, data=params, headers={SIGNATURE_HEADER: signature}
+            ) as resp:
+                return resp.status, await resp.text()
+        except aiohttp.ClientError:
+            return 0, ""
+
+    async def _fetch_twiml(self, call: FakeCall) -> None:
+        status, body = await self._signed_post(call.url, self._call_params(call))
+        if status == 200:
+            call.documents.append(body)
+
+    async def _send_call_status(self, call: FakeCall) -> None:
+        if not call.status_callback:
+            return
+        params = {
+            **self._call_params(call),
+            "CallbackSource": "call-progress-events",
+            "SequenceNumber": str(len(call.callbacks)),
+            "Timestamp": format_datetime(datetime.now(UTC)),
+        }
+        if call.status in ENDED_CALL_STATUSES:
+            answered = call.answered_at
+            seconds = int((datetime.now(UTC) - answered).total_seconds()) if answered else 0
+            params["CallDuration"] = str(seconds)
+        status, _ = await self._signed_post(call.status_callback, params)
+        call.callbacks.append((params["CallStatus"], status))

@@ -38,7 +38,7 @@ class TwilioClient:
             )
         except ProviderRejectedError as exc:
             # Twilio's error body: {"code": 21211, "message": "...", "status": 400}
-            code = _error_code(exc.body)
+            code = error_code(exc.body)
             raise PermanentError(
                 f"twilio rejected the message: {exc.body}", code=code or f"http_{exc.status}"
             ) from exc
@@ -48,7 +48,8 @@ class TwilioClient:
         return resource
 
 
-def _error_code(body: str) -> str | None:
+def error_code(body: str) -> str | None:
+    """Twilio's error code (e.g. ``"21211"``) from an error body, if it names one."""
     try:
         parsed = json.loads(body)
     except ValueError:

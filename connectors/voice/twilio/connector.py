@@ -21,6 +21,20 @@ verifier):
 - ``/{account}/recording``, ``/{account}/transcription``: recording status and
   transcribe callbacks -> ``call.recording`` / ``call.transcription``.
 
+Call commands (:meth:`TwilioVoiceConnector.call`, the ``CallControl``
+protocol), through the Calls REST API
+(https://www.twilio.com/docs/voice/api/call-resource):
+
+- ``place``: create a call whose ``Url`` is this connector's ``step`` route at
+  the flow's start (the routes above then drive it), or whose ``Twiml`` says or
+  plays a message and hangs up; the call's status callbacks come to
+  ``/{account}/status`` (initiated, ringing, answered, completed).
+- ``transfer`` / ``enqueue`` / ``speak``: update the live call with new TwiML
+  (``<Dial>``; ``<Enqueue>`` whose waitUrl is the hold route of a flow step
+  queueing into the same queue; ``<Say>``/``<Play>`` then ``<Redirect>`` to a
+  flow step or ``<Hangup/>``).
+- ``hang_up``: update the call with ``Status=completed``.
+
 The answer routes (incoming, gather, record, step, hold) answer the flow even
 when the broker is down (see :mod:`connectors.voice.answering`); the callback
 routes answer 2xx only once their event is confirmed, like every webhook.
@@ -28,43 +42,73 @@ routes answer 2xx only once their event is confirmed, like every webhook.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 from typing import Self
 from urllib.parse import urlencode
 
 from multidict import MultiMapping
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from connectors.sms.twilio import webhooks
+from connectors.sms.twilio.client import DEFAULT_API_BASE
 from connectors.voice.answering import AnswerEvents
 from connectors.voice.flow import (
     Callback,
+    EnqueueSpec,
+    ForwardSpec,
     Gather,
+    Play,
+    Prompt,
     Record,
+    Say,
     VoiceFlows,
+    hold_step,
+    render_dial_twiml,
+    render_enqueue_twiml,
     render_hold_twiml,
+    render_speak_twiml,
     render_twiml,
 )
 from connectors.voice.twilio import mapping
+from connectors.voice.twilio.client import TwilioCallsClient
+from gateway.api.v1.call_pb2 import (
+    CallCommand,
+    EnqueueCall,
+    PlaceCall,
+    SpeakToCall,
+    TransferCall,
+)
 from gateway.api.v1.command_pb2 import SendMessageCommand
 from gateway.api.v1.connector_pb2 import ConnectorLimits, ConnectorManifest
 from gateway.api.v1.envelope_pb2 import Event, RawPayload
 from gateway.contract import (
     AuthError,
     BadRequestError,
+    CallResult,
     ConnectorContext,
     Inbound,
     PermanentError,
     Secret,
     SendResult,
+    TransientError,
     WebhookReply,
     WebhookRequest,
     WebhookRoute,
+    normalize_phone,
 )
+from gateway.contract.callbacks import traced_callback_url
 
 FORM = "application/x-www-form-urlencoded"
 TWIML = "text/xml"
 HANGUP_TWIML = b'<?xml version="1.0" encoding="UTF-8"?><Response><Hangup /></Response>'
+#: Longest ``Twiml`` parameter the Calls API takes (characters).
+MAX_TWIML = 4000
+#: Longest ring ``Timeout`` the Calls API takes (seconds).
+MAX_RING_TIMEOUT = 600
+#: Call progress events a placed call reports to the status route.
+STATUS_EVENTS = ("initiated", "ringing", "answered", "completed")
+_SIP = re.compile(r"^sips?:[^\s<>]+$")
 
 
 class TwilioVoiceAccount(BaseModel):
@@ -74,6 +118,18 @@ class TwilioVoiceAccount(BaseModel):
 
     account_sid: str = Field(pattern=r"^AC[0-9a-fA-F]{32}$")
     auth_token: Secret
+    #: Our number (E.164) that places calls when a command names no ``from``.
+    caller_number: str | None = None
+
+    @field_validator("caller_number")
+    @classmethod
+    def _e164(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        try:
+            return normalize_phone(value)
+        except BadRequestError as exc:
+            raise ValueError(str(exc)) from exc
 
 
 class TwilioVoiceSettings(BaseModel):
@@ -91,6 +147,16 @@ class TwilioVoiceSettings(BaseModel):
     max_pending_events: int = Field(default=10_000, ge=1)
     #: Seconds ``stop`` waits for unconfirmed answer events.
     drain_timeout: float = Field(default=5.0, ge=0)
+    #: Twilio REST API base (a fake in tests).
+    api_base_url: str = DEFAULT_API_BASE
+    #: Account of a call command that names none (default: the first account).
+    default_account: str | None = None
+
+    @model_validator(mode="after")
+    def _known_default(self) -> Self:
+        if self.default_account is not None and self.default_account not in self.accounts:
+            raise ValueError(f"default_account {self.default_account!r} is not in accounts")
+        return self
 
 
 MANIFEST = ConnectorManifest(
@@ -109,7 +175,8 @@ MANIFEST = ConnectorManifest(
 
 
 class TwilioVoiceConnector:
-    """Twilio Voice in: call flows answered as TwiML, call events published."""
+    """Twilio Voice: call flows answered as TwiML, call events published, calls
+    placed and controlled by call commands."""
 
     manifest = MANIFEST
 
@@ -120,6 +187,7 @@ class TwilioVoiceConnector:
         self._answers = AnswerEvents(
             context, wait=settings.answer_publish_wait, max_pending=settings.max_pending_events
         )
+        self._clients: dict[str, TwilioCallsClient] = {}
 
     @classmethod
     def create(cls, context: ConnectorContext, settings: TwilioVoiceSettings) -> Self:
@@ -153,19 +221,151 @@ class TwilioVoiceConnector:
 
     async def start(self) -> None:
         # Fail at start-up, not on the first call, when a route cannot be addressed.
-        for account in self._settings.accounts:
+        for key, account in self._settings.accounts.items():
             for kind in Callback:
-                self._ctx.webhook_url(kind.value, account=account)
+                self._ctx.webhook_url(kind.value, account=key)
+            self._ctx.webhook_url("status", account=key)
+            self._clients[key] = TwilioCallsClient(
+                self._ctx.http,
+                api_base=self._settings.api_base_url,
+                account_sid=account.account_sid,
+                auth_token=account.auth_token.get_secret_value(),
+            )
 
     async def stop(self) -> None:
         await self._answers.close(self._settings.drain_timeout)
+        self._clients.clear()
 
     async def send(self, command: SendMessageCommand) -> SendResult:
-        # Outbound calls are call commands (issue 6, not built yet), not messages.
+        # Outbound calls are call commands (TwilioVoiceConnector.call), not messages.
         raise PermanentError(
             "voice.twilio does not send messages: place calls with call commands",
             code="unsupported",
         )
+
+    # -- call commands (CallControl) -------------------------------------------
+
+    async def call(self, command: CallCommand) -> CallResult:
+        """Execute one call command through the Calls REST API.
+
+        Raises PermanentError for a command that cannot succeed (an invalid
+        target, an unknown account, flow or step, a call that ended: code
+        ``call_not_in_progress``, or that Twilio does not know:
+        ``call_not_found``), TransientError (429, 5xx, no connection, an
+        update whose answer was lost) or AmbiguousSendError (a placed call
+        whose answer was lost: it may exist, so it is never placed again).
+        """
+        action = command.WhichOneof("action")
+        key = self._account_for(command)
+        client = self._clients.get(key)
+        if client is None:
+            raise TransientError("voice.twilio is not started", code="not_started")
+        if action == "place":
+            resource = await client.create_call(self._place_form(key, command.place))
+        elif action == "hang_up":
+            resource = await client.update_call(command.hang_up.call_id, [("Status", "completed")])
+        elif action in ("transfer", "enqueue", "speak"):
+            call_id, twiml = self._control_twiml(key, command)
+            resource = await client.update_call(call_id, [("Twiml", twiml)])
+        else:
+            raise PermanentError(
+                f"voice.twilio cannot {action!r} a call", code="unsupported_action"
+            )
+        return CallResult(
+            call_id=str(resource["sid"]),
+            account=key,
+            provider_status=str(resource.get("status") or ""),
+        )
+
+    def _account_for(self, command: CallCommand) -> str:
+        key = (
+            command.account or self._settings.default_account or next(iter(self._settings.accounts))
+        )
+        if key not in self._settings.accounts:
+            raise PermanentError(f"unknown twilio account {key!r}", code="unknown_account")
+        return key
+
+    def _place_form(self, key: str, place: PlaceCall) -> list[tuple[str, str]]:
+        number, sip = _target(place.to)
+        caller = getattr(place, "from") or self._settings.accounts[key].caller_number
+        if not caller:
+            raise PermanentError(
+                f"the command names no from and account {key!r} has no caller_number",
+                code="no_caller_number",
+            )
+        try:
+            caller = normalize_phone(caller)
+        except BadRequestError as exc:
+            raise PermanentError(f"from: {exc}", code="invalid_caller_id") from exc
+        form: list[tuple[str, str]] = [("To", number or sip or ""), ("From", caller)]
+        script = place.WhichOneof("script")
+        if script == "flow":
+            flow = self._flows.flows.get(place.flow)
+            if flow is None:
+                raise PermanentError(f"no call flow {place.flow!r}", code="unknown_flow")
+            # The step route answers the flow's start once the callee picks up;
+            # the gather/record/step routes continue it, as for an incoming call.
+            form += [
+                ("Url", self._urls(key)(Callback.STEP, place.flow, flow.start)),
+                ("Method", "POST"),
+            ]
+        elif script in ("say", "play_url"):
+            prompt = _prompt(place.say, place.play_url, place.language)
+            form.append(("Twiml", _twiml(render_speak_twiml(prompt, voice=place.voice or None))))
+        else:
+            raise PermanentError("place needs a flow, say or play_url", code="missing_script")
+        status_url = self._ctx.webhook_url("status", account=key)
+        # The call command's span rides the URL, so the call's events link to it.
+        form += [
+            ("StatusCallback", traced_callback_url(status_url)),
+            ("StatusCallbackMethod", "POST"),
+        ]
+        form += [("StatusCallbackEvent", event) for event in STATUS_EVENTS]
+        if place.ring_timeout_seconds:
+            if place.ring_timeout_seconds > MAX_RING_TIMEOUT:
+                raise PermanentError(
+                    f"ring_timeout_seconds is at most {MAX_RING_TIMEOUT}", code="invalid_timeout"
+                )
+            form.append(("Timeout", str(place.ring_timeout_seconds)))
+        if place.record:
+            form.append(("Record", "true"))
+        return form
+
+    def _control_twiml(self, key: str, command: CallCommand) -> tuple[str, str]:
+        """The call SID and new TwiML of a transfer, enqueue or speak."""
+        urls = self._urls(key)
+        if command.HasField("transfer"):
+            transfer: TransferCall = command.transfer
+            number, sip = _target(transfer.to)
+            try:
+                forward = ForwardSpec(number=number, sip=sip, caller_id=transfer.caller_id or None)
+            except ValidationError as exc:
+                raise PermanentError(f"transfer: {exc}", code="invalid_caller_id") from exc
+            return transfer.call_id, _twiml(render_dial_twiml(forward))
+        if command.HasField("enqueue"):
+            enqueue: EnqueueCall = command.enqueue
+            try:
+                queue = EnqueueSpec(queue=enqueue.queue)
+            except ValidationError as exc:
+                raise PermanentError(f"enqueue: {exc}", code="invalid_queue") from exc
+            # Hold music as configured for the same queue in a flow, if any.
+            holding = hold_step(self._flows, queue.queue)
+            wait_url = urls(Callback.HOLD, *holding) if holding else None
+            return enqueue.call_id, _twiml(render_enqueue_twiml(queue, wait_url))
+        speak: SpeakToCall = command.speak
+        if speak.WhichOneof("script") is None:
+            raise PermanentError("speak needs say or play_url", code="missing_script")
+        prompt = _prompt(speak.say, speak.play_url, speak.language)
+        then_url = None
+        if speak.then_step:
+            flow, _, step = speak.then_step.partition("/")
+            try:
+                self._flows.step(flow, step)
+            except BadRequestError as exc:
+                raise PermanentError(str(exc), code="unknown_flow_step") from exc
+            then_url = urls(Callback.STEP, flow, step)
+        document = render_speak_twiml(prompt, voice=speak.voice or None, then_url=then_url)
+        return speak.call_id, _twiml(document)
 
     # -- helpers ---------------------------------------------------------------
 
@@ -302,6 +502,42 @@ class TwilioVoiceConnector:
             params, account=key, flow_step=step, raw=raw, received_at=self._ctx.now()
         )
         return Inbound(events=[event], reply=WebhookReply(status=204))
+
+
+def _target(raw: str) -> tuple[str | None, str | None]:
+    """(E.164 number, None) or (None, SIP URI) of a call target."""
+    value = raw.strip()
+    if _SIP.match(value):
+        return None, value
+    if not value.startswith("+"):
+        # Twilio would dial a national number in some country; we do not guess.
+        raise PermanentError(
+            f"call target must be E.164 (+...) or a sip: URI, got {raw!r}", code="invalid_target"
+        )
+    try:
+        return normalize_phone(value), None
+    except BadRequestError as exc:
+        raise PermanentError(f"call target: {exc}", code="invalid_target") from exc
+
+
+def _prompt(say: str, play_url: str, language: str) -> Prompt:
+    """What a place or speak command says or plays, validated as a flow step's."""
+    try:
+        if say:
+            return Say(say=say, language=language or None)
+        return Play(play=play_url)
+    except ValidationError as exc:
+        raise PermanentError(f"invalid script: {exc}", code="invalid_script") from exc
+
+
+def _twiml(document: bytes) -> str:
+    text = document.decode("utf-8")
+    if len(text) > MAX_TWIML:
+        raise PermanentError(
+            f"the TwiML is {len(text)} characters, twilio takes at most {MAX_TWIML}",
+            code="twiml_too_long",
+        )
+    return text
 
 
 class _Urls:
