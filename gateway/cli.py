@@ -9,6 +9,7 @@ channel-gateway connectors         list installed connectors and their manifests
 channel-gateway run gateway        the gRPC gateway (ledger, status ingestor, fallback engine)
 channel-gateway send +4477... -m hi   send through the gateway's gRPC API
 channel-gateway trace <message-id>    a message's status timeline with trace ids
+channel-gateway call place +1415... --say hi --provider twilio   place or control a voice call
 channel-gateway telegram set-webhook <bot>   register a bot's webhook (and secret token)
 """
 
@@ -21,20 +22,33 @@ import multiprocessing
 import signal
 import sys
 from collections.abc import Sequence
+from datetime import UTC, datetime, timedelta
 from multiprocessing.connection import wait
 from types import FrameType
 
 from google.protobuf.json_format import MessageToDict
 
+from gateway.api.v1.call_pb2 import (
+    CallCommand,
+    CallCommandOutcome,
+    EnqueueCall,
+    HangUpCall,
+    PlaceCall,
+    SpeakToCall,
+    TransferCall,
+)
+from gateway.api.v1.envelope_pb2 import Event
 from gateway.contract import ConfigError, ConnectorNotFoundError, registry
 from gateway.contract.connector import ConnectorSpec
+from gateway.contract.ids import new_id
 from gateway.display import render
-from gateway.runtime.bus import BrokerUnavailableError, Delivery
-from gateway.runtime.codec import decode_event
+from gateway.runtime.bus import BrokerUnavailableError, Delivery, PublishError, UnroutableError
+from gateway.runtime.codec import decode_event, encode_call_command
 from gateway.runtime.config import RuntimeSettings, load_config
+from gateway.runtime.outbound import CALL_COMMAND_EVENT_TYPE
 from gateway.runtime.service import Service, enabled_connectors, open_bus
 from gateway.runtime.telemetry import configure_logging
-from gateway.runtime.topology import EVENTS_EXCHANGE, base_topology
+from gateway.runtime.topology import COMMANDS_EXCHANGE, EVENTS_EXCHANGE, base_topology
 
 
 def _run(args: argparse.Namespace, selectors: Sequence[str]) -> int:
@@ -173,15 +187,21 @@ def _run_gateway(args: argparse.Namespace, selectors: Sequence[str]) -> int:
     return 0
 
 
-def _send(args: argparse.Namespace) -> int:
-    from gateway.server import client
-
+def _metadata(items: Sequence[str]) -> dict[str, str]:
+    """``--meta key=value`` options as a mapping."""
     metadata = {}
-    for item in args.meta:
+    for item in items:
         key, sep, value = item.partition("=")
         if not sep or not key:
             raise ConfigError(f"--meta takes key=value, got {item!r}")
         metadata[key] = value
+    return metadata
+
+
+def _send(args: argparse.Namespace) -> int:
+    from gateway.server import client
+
+    metadata = _metadata(args.meta)
     request = client.build_send_request(
         to=args.to,
         channel=args.channel,
@@ -257,6 +277,249 @@ def _add_gateway_commands(sub: argparse._SubParsersAction[argparse.ArgumentParse
     trace.add_argument("--gateway", default=None, help=gateway_help)
     trace.add_argument("--timeout", type=float, default=10.0, help="RPC deadline in seconds")
     trace.add_argument("--json", action="store_true", help="JSON instead of a table")
+
+
+#: ``call`` exit status when no outcome came back (unroutable, unconfirmed or timed out).
+EXIT_NO_OUTCOME = 3
+
+
+def build_call_command(args: argparse.Namespace) -> CallCommand:
+    """The CallCommand the ``call <action>`` options describe."""
+    now = datetime.now(UTC)
+    command = CallCommand(
+        command_id=args.command_id or new_id(),
+        channel="voice",
+        provider=args.provider,
+        account=args.account,
+        correlation_id=args.correlation_id,
+        conversation_id=args.conversation_id,
+    )
+    command.metadata.update(_metadata(args.meta))
+    command.created_at.FromDatetime(now)
+    # By default a command the CLI stopped waiting for is not executed later.
+    expires_in = args.timeout if args.expires_in is None else args.expires_in
+    if expires_in < 0:
+        raise ConfigError(f"--expires-in must be 0 (never) or more, got {expires_in}")
+    if expires_in:
+        command.expires_at.FromDatetime(now + timedelta(seconds=expires_in))
+    action = args.call_action.replace("-", "_")  # "hang-up" is the hang_up action
+    if action == "place":
+        command.place.CopyFrom(
+            PlaceCall(
+                to=args.to,
+                ring_timeout_seconds=args.ring_timeout,
+                record=args.record,
+                language=args.language,
+                voice=args.voice,
+            )
+        )
+        setattr(command.place, "from", args.from_number)  # "from" is a Python keyword
+        if args.flow:
+            command.place.flow = args.flow
+        elif args.say:
+            command.place.say = args.say
+        else:
+            command.place.play_url = args.play_url
+    elif action == "transfer":
+        command.transfer.CopyFrom(
+            TransferCall(call_id=args.call_id, to=args.to, caller_id=args.caller_id)
+        )
+    elif action == "enqueue":
+        command.enqueue.CopyFrom(EnqueueCall(call_id=args.call_id, queue=args.queue))
+    elif action == "speak":
+        command.speak.CopyFrom(
+            SpeakToCall(
+                call_id=args.call_id,
+                language=args.language,
+                voice=args.voice,
+                then_step=args.then_step,
+            )
+        )
+        if args.say:
+            command.speak.say = args.say
+        else:
+            command.speak.play_url = args.play_url
+    else:
+        command.hang_up.CopyFrom(HangUpCall(call_id=args.call_id))
+    return command
+
+
+def _outcome_line(event: Event) -> str:
+    result = event.call_command
+    outcome = CallCommandOutcome.Name(result.outcome).removeprefix("CALL_COMMAND_OUTCOME_")
+    parts = [outcome, result.action]
+    if result.call_id:
+        parts.append(f"call {result.call_id}")
+    if result.provider_status:
+        parts.append(f"({result.provider_status})")
+    if result.reason_code:
+        kind = "permanent" if result.permanent else "may succeed if retried"
+        parts.append(f"reason {result.reason_code} [{kind}]: {result.reason}")
+    parts.append(f"via {event.channel}.{event.provider}/{event.account or '-'}")
+    parts.append(f"command {result.command_id}")
+    return " ".join(parts)
+
+
+async def _call(
+    broker_url: str,
+    command: CallCommand,
+    *,
+    timeout: float,
+    publish_timeout: float,
+    as_json: bool,
+) -> int:
+    """Publish ``command`` with confirms and print its ``call.command`` outcome.
+
+    The outcome queue is bound before the publish, so a fast outcome is never
+    missed. Exit status: 0 accepted, 1 failed or expired, 3 no outcome.
+    """
+    bus = open_bus(broker_url)
+    await bus.connect()
+    try:
+        await bus.declare(base_topology())
+        pattern = f"{CALL_COMMAND_EVENT_TYPE}.{command.channel}.{command.provider}"
+        queue = await bus.declare_temporary_queue(EVENTS_EXCHANGE, [pattern])
+        outcome: asyncio.Future[tuple[Event, str]] = asyncio.get_running_loop().create_future()
+
+        async def on_event(delivery: Delivery) -> None:
+            event = decode_event(delivery)
+            # Other commands' outcomes share the binding: only this one's counts.
+            if event.causation_id == command.command_id and not outcome.done():
+                outcome.set_result((event, delivery.routing_key))
+
+        subscription = await bus.consume(queue, on_event, prefetch=16)
+        try:
+            routing_key, message = encode_call_command(command)
+            try:
+                await bus.publish(COMMANDS_EXCHANGE, routing_key, message, timeout=publish_timeout)
+            except UnroutableError:
+                print(
+                    f"channel-gateway call: nothing consumes {routing_key} on "
+                    f"{COMMANDS_EXCHANGE}: is a {command.channel}.{command.provider} service "
+                    "with call actions running?",
+                    file=sys.stderr,
+                )
+                return EXIT_NO_OUTCOME
+            except PublishError as exc:
+                print(f"channel-gateway call: publish not confirmed: {exc}", file=sys.stderr)
+                return EXIT_NO_OUTCOME
+            print(
+                f"published {command.WhichOneof('action')} command {command.command_id} "
+                f"as {routing_key}; waiting up to {timeout:g}s for its outcome",
+                file=sys.stderr,
+            )
+            try:
+                event, event_key = await asyncio.wait_for(outcome, timeout)
+            except TimeoutError:
+                expiry = (
+                    "it expires at " + command.expires_at.ToDatetime(tzinfo=UTC).isoformat()
+                    if command.HasField("expires_at")
+                    else "it may still be executed"
+                )
+                print(
+                    f"channel-gateway call: no outcome for {command.command_id} within "
+                    f"{timeout:g}s ({expiry})",
+                    file=sys.stderr,
+                )
+                return EXIT_NO_OUTCOME
+        finally:
+            await subscription.cancel()
+    finally:
+        await bus.close()
+    if as_json:
+        as_dict = MessageToDict(event, preserving_proto_field_name=True)
+        print(json.dumps({"routing_key": event_key, "event": as_dict}, indent=2))
+    else:
+        print(_outcome_line(event))
+    accepted = event.call_command.outcome == CallCommandOutcome.CALL_COMMAND_OUTCOME_ACCEPTED
+    return 0 if accepted else 1
+
+
+def _call_command(args: argparse.Namespace) -> int:
+    settings = load_config(args.config)
+    if args.timeout <= 0:
+        raise ConfigError(f"--timeout must be positive, got {args.timeout}")
+    return asyncio.run(
+        _call(
+            args.broker_url or settings.broker.url,
+            build_call_command(args),
+            timeout=args.timeout,
+            publish_timeout=settings.broker.publish_timeout,
+            as_json=args.json,
+        )
+    )
+
+
+def _add_call_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument(
+        "--provider", required=True, help="voice provider whose connector acts (twilio, vonage)"
+    )
+    common.add_argument("--account", default="", help="our account key (default: the connector's)")
+    common.add_argument("--command-id", default="", help="command id (default: a new UUID)")
+    common.add_argument("--correlation-id", default="")
+    common.add_argument("--conversation-id", default="")
+    common.add_argument("--meta", action="append", default=[], help="metadata key=value")
+    common.add_argument(
+        "--broker-url", default=None, help="RabbitMQ URL (default: broker.url of the config)"
+    )
+    common.add_argument(
+        "--timeout", type=float, default=30.0, help="seconds to wait for the outcome (default 30)"
+    )
+    common.add_argument(
+        "--expires-in",
+        type=float,
+        default=None,
+        help="seconds after which the connector must not act (default: --timeout; 0: never)",
+    )
+    common.add_argument("--json", action="store_true", help="print the outcome event as JSON")
+    call = sub.add_parser(
+        "call",
+        help="place or control a voice call through its connector",
+        description="Publish a CallCommand on channels.commands and print its call.command "
+        "outcome. Exit status: 0 accepted, 1 failed or expired, "
+        f"{EXIT_NO_OUTCOME} no outcome (nothing consumes it, or --timeout passed).",
+    )
+    actions = call.add_subparsers(dest="call_action", required=True, metavar="ACTION")
+
+    def say_or_play(parser: argparse.ArgumentParser, *, flow: bool = False) -> None:
+        script = parser.add_mutually_exclusive_group(required=True)
+        if flow:
+            script.add_argument("--flow", help="configured call flow to run once answered")
+        script.add_argument("--say", help="text to speak")
+        script.add_argument("--play-url", help="audio URL to play")
+        parser.add_argument("--language", default="", help="BCP-47 language of --say")
+        parser.add_argument("--voice", default="", help="provider voice of --say")
+
+    place = actions.add_parser("place", parents=[common], help="dial a number")
+    place.add_argument("to", help="E.164 number or sip: URI to call")
+    place.add_argument(
+        "--from", dest="from_number", default="", help="our number (default: the account's)"
+    )
+    say_or_play(place, flow=True)
+    place.add_argument(
+        "--ring-timeout", type=int, default=0, help="seconds to ring (0: provider default)"
+    )
+    place.add_argument("--record", action="store_true", help="record the whole call")
+    transfer = actions.add_parser(
+        "transfer", parents=[common], help="move a live call to a number or SIP endpoint"
+    )
+    transfer.add_argument("call_id", help="the provider's call id")
+    transfer.add_argument("to", help="E.164 number or sip: URI")
+    transfer.add_argument("--caller-id", default="", help="caller id shown to the target")
+    enqueue = actions.add_parser("enqueue", parents=[common], help="put a live call on hold")
+    enqueue.add_argument("call_id", help="the provider's call id")
+    enqueue.add_argument("queue", help="hold queue name")
+    speak = actions.add_parser("speak", parents=[common], help="say or play on a live call")
+    speak.add_argument("call_id", help="the provider's call id")
+    say_or_play(speak)
+    speak.add_argument(
+        "--then-step",
+        default="",
+        help="flow step to continue with (<flow>/<step>); default hangs up",
+    )
+    hang_up = actions.add_parser("hang-up", parents=[common], help="end a live call")
+    hang_up.add_argument("call_id", help="the provider's call id")
 
 
 def _add_telegram_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -347,6 +610,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     tail.add_argument("--json", action="store_true", help="one JSON object per line")
     sub.add_parser("connectors", help="list installed connectors and their manifests")
     _add_gateway_commands(sub)
+    _add_call_commands(sub)
     _add_telegram_commands(sub)
     args = parser.parse_args(argv)
     try:
@@ -360,6 +624,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _send(args)
         if args.command == "trace":
             return _trace(args)
+        if args.command == "call":
+            return _call_command(args)
         if args.command == "telegram":
             return asyncio.run(_telegram_set_webhook(args))
         if args.command == "demo":

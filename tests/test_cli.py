@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import shutil
@@ -10,6 +11,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
 
@@ -234,3 +236,117 @@ def test_demo_runs_end_to_end_on_rabbitmq(rabbitmq_url: str, unique: str) -> Non
     assert "in-memory" not in out.stdout.lower()
     assert f"on RabbitMQ {parts.hostname}:{parts.port}/{vhost}:" in out.stdout
     _assert_whole_demo(out.stdout)
+
+
+# -- call: CallCommands through the broker -------------------------------------------------------
+
+
+@pytest.fixture
+def call_vhost(rabbitmq_url: str, unique: str) -> Iterator[str]:
+    """URL of a throw-away vhost (the standard command and event names inside)."""
+    vhost = f"cg-call-{unique}"
+    parts = urlsplit(rabbitmq_url)
+    _rabbitmqctl("add_vhost", vhost)
+    try:
+        _rabbitmqctl("set_permissions", "-p", vhost, parts.username or "guest", ".*", ".*", ".*")
+        yield urlunsplit(parts._replace(path="/" + vhost))
+    finally:
+        _rabbitmqctl("delete_vhost", vhost)
+
+
+async def _cli(*args: str) -> tuple[int, str, str]:
+    """Run the console script without blocking the event loop the service runs on."""
+    proc = await asyncio.create_subprocess_exec(
+        *CLI,
+        *args,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+        cwd=ROOT,
+    )
+    stdout, stderr = await asyncio.wait_for(proc.communicate(), 60)
+    assert proc.returncode is not None
+    return proc.returncode, stdout.decode(), stderr.decode()
+
+
+@pytest.mark.rabbitmq
+async def test_call_commands_print_their_outcome_and_exit_by_it(
+    call_vhost: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from gateway.contract.errors import PermanentError
+    from gateway.runtime.service import Service
+    from tests.runtime import call_helpers as c
+
+    connector = c.FakeVoice(
+        [
+            c.accepted("CA-cli", "queued"),
+            PermanentError("the call has ended", code="call_not_in_progress"),
+        ]
+    )
+    c.install(monkeypatch, [c.spec(connector)])
+    svc = Service(c.runtime(call_vhost), [c.NAME])
+    await svc.start()
+    try:
+        common = ("--provider", "fake", "--broker-url", call_vhost, "--timeout", "20")
+        code, out, err = await _cli(
+            "call", "place", "+14155550199", "--say", "Your order shipped", *common,
+            "--from", "+14155550100", "--meta", "ticket=T-9", "--command-id", "cli-1",
+        )  # fmt: skip
+        assert code == 0, err
+        assert (
+            out.strip() == "ACCEPTED place call CA-cli (queued) via voice.fake/main command cli-1"
+        )
+        assert "published place command cli-1 as call.voice.fake" in err
+        code, out, err = await _cli("call", "hang-up", "CA-cli", *common, "--json")
+        assert code == 1, err
+        printed = json.loads(out)
+        assert printed["routing_key"] == "call.command.voice.fake"
+        result = printed["event"]["call_command"]
+        assert result["outcome"] == "CALL_COMMAND_OUTCOME_FAILED"
+        assert result["reason_code"] == "call_not_in_progress"
+        assert result["permanent"] is True
+        assert result["call_id"] == "CA-cli"
+    finally:
+        await svc.stop()
+    (_, placed), (_, hung_up) = connector.calls
+    assert placed.command_id == "cli-1"
+    assert getattr(placed.place, "from") == "+14155550100"
+    assert placed.place.say == "Your order shipped"
+    assert placed.metadata["ticket"] == "T-9"
+    assert placed.HasField("expires_at")  # not executed after the CLI gave up waiting
+    assert hung_up.hang_up.call_id == "CA-cli"
+
+
+@pytest.mark.rabbitmq
+async def test_call_without_an_outcome_exits_3(call_vhost: str) -> None:
+    from gateway.runtime.amqp_bus import AmqpBus
+    from gateway.runtime.outbound import command_topology
+    from tests.runtime import call_helpers as c
+
+    common = ("--provider", "fake", "--broker-url", call_vhost)
+    # Nothing bound to call.voice.fake: the broker returns the command at once.
+    code, _, err = await _cli("call", "hang-up", "CA-1", *common)
+    assert code == 3
+    assert "nothing consumes call.voice.fake on channels.commands" in err
+    # The queue exists but no service consumes it: the CLI gives up after --timeout.
+    bus = AmqpBus(call_vhost)
+    await bus.connect()
+    try:
+        await bus.declare(command_topology(c.spec(), 5))
+        code, _, err = await _cli("call", "hang-up", "CA-1", *common, "--timeout", "1")
+    finally:
+        await bus.close()
+    assert code == 3
+    assert "no outcome for" in err
+    assert "within 1s (it expires at" in err
+
+
+def test_call_speak_needs_say_or_play_url() -> None:
+    out = subprocess.run(
+        [*CLI, "call", "speak", "CA-1", "--provider", "twilio"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        cwd=ROOT,
+    )
+    assert out.returncode == 2
+    assert "one of the arguments --say --play-url is required" in out.stderr

@@ -8,11 +8,9 @@ import aio_pika
 import pytest
 
 from gateway.api.v1.call_pb2 import CallCommandOutcome
-from gateway.contract import registry
-from gateway.contract.connector import ConnectorSpec
 from gateway.runtime.bus import Delivery
 from gateway.runtime.codec import decode_event, encode_call_command
-from gateway.runtime.config import BrokerSettings, HttpSettings, RuntimeSettings, SendSettings
+from gateway.runtime.config import BrokerSettings
 from gateway.runtime.service import Service
 from gateway.runtime.topology import COMMANDS_EXCHANGE, DEAD_LETTER_QUEUE, EVENTS_EXCHANGE
 from tests.integration.conftest import Vhost
@@ -25,20 +23,8 @@ pytestmark = pytest.mark.rabbitmq
 def voice_service(vhost: Vhost, monkeypatch: pytest.MonkeyPatch) -> tuple[Service, c.FakeVoice]:
     """A service hosting the CallControl double on the test's vhost (not started)."""
     connector = c.FakeVoice([c.accepted("CA-rmq", "queued")])
-    spec = c.spec(connector)
-    real_load = registry.load
-
-    def load(name: str) -> ConnectorSpec:
-        return spec if name == c.NAME else real_load(name)
-
-    monkeypatch.setattr(registry, "load", load)
-    settings = RuntimeSettings(
-        http=HttpSettings(host="127.0.0.1", port=0),
-        broker=BrokerSettings(url=vhost.url, publish_timeout=5, connect_timeout=5),
-        send=SendSettings(initial_backoff=0.0, max_backoff=0.05),
-        connectors={c.NAME: {}},
-    )
-    return Service(settings, [c.NAME]), connector
+    c.install(monkeypatch, [c.spec(connector)])
+    return Service(c.runtime(vhost.url), [c.NAME]), connector
 
 
 def _delivery(message: aio_pika.abc.AbstractIncomingMessage) -> Delivery:

@@ -9,12 +9,14 @@ from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+import pytest
 from google.protobuf.timestamp_pb2 import Timestamp
 from pydantic import BaseModel
 
 from gateway.api.v1.call_pb2 import CallCommand, HangUpCall, PlaceCall
 from gateway.api.v1.command_pb2 import SendMessageCommand
 from gateway.api.v1.connector_pb2 import ConnectorManifest
+from gateway.contract import registry
 from gateway.contract.connector import (
     CallResult,
     ConnectorContext,
@@ -23,6 +25,7 @@ from gateway.contract.connector import (
     WebhookRoute,
 )
 from gateway.contract.errors import PermanentError
+from gateway.runtime.config import BrokerSettings, HttpSettings, RuntimeSettings, SendSettings
 
 CHANNEL, PROVIDER = "voice", "fake"
 NAME = f"{CHANNEL}.{PROVIDER}"
@@ -134,3 +137,24 @@ def in_seconds(seconds: float) -> Timestamp:
     ts = Timestamp()
     ts.FromDatetime(datetime.now(UTC) + timedelta(seconds=seconds))
     return ts
+
+
+def install(monkeypatch: pytest.MonkeyPatch, specs: list[ConnectorSpec]) -> None:
+    """Make the registry (as the service looks connectors up) find ``specs`` by
+    name, also those appended to the list later; other names load as usual."""
+    real_load = registry.load
+
+    def load(name: str) -> ConnectorSpec:
+        return next((s for s in specs if s.name == name), None) or real_load(name)
+
+    monkeypatch.setattr(registry, "load", load)
+
+
+def runtime(broker_url: str = "memory://") -> RuntimeSettings:
+    """Settings hosting the double on a random local port, with fast retries."""
+    return RuntimeSettings(
+        http=HttpSettings(host="127.0.0.1", port=0),
+        broker=BrokerSettings(url=broker_url, publish_timeout=5, connect_timeout=5),
+        send=SendSettings(max_attempts=4, initial_backoff=0.0, max_backoff=0.01),
+        connectors={NAME: {}},
+    )

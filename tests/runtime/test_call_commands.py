@@ -14,7 +14,6 @@ import pytest
 
 from gateway.api.v1.call_pb2 import CallCommand, CallCommandOutcome, EnqueueCall
 from gateway.api.v1.envelope_pb2 import Event
-from gateway.contract import registry
 from gateway.contract.connector import CallResult, ConnectorSpec
 from gateway.contract.errors import (
     AmbiguousSendError,
@@ -25,12 +24,7 @@ from gateway.contract.errors import (
 )
 from gateway.runtime.bus import Delivery, UnroutableError
 from gateway.runtime.codec import decode_event, encode_call_command
-from gateway.runtime.config import (
-    BrokerSettings,
-    HttpSettings,
-    RuntimeSettings,
-    SendSettings,
-)
+from gateway.runtime.config import SendSettings
 from gateway.runtime.idempotency import MemoryIdempotencyStore
 from gateway.runtime.memory_bus import InMemoryBus
 from gateway.runtime.outbound import CallCommandWorker, command_topology
@@ -294,25 +288,11 @@ async def test_malformed_commands_are_rejected_and_counted(broken: dict[str, obj
 # -- the service: topology, consumer, graceful stop --------------------------------------------
 
 
-def _runtime() -> RuntimeSettings:
-    return RuntimeSettings(
-        http=HttpSettings(host="127.0.0.1", port=0),
-        broker=BrokerSettings(url="memory://", publish_timeout=1),
-        send=FAST,
-        connectors={c.NAME: {}},
-    )
-
-
 @pytest.fixture
 def hosted(monkeypatch: pytest.MonkeyPatch) -> list[ConnectorSpec]:
-    """Install specs under their names for the service's registry lookups."""
+    """Specs the service's registry lookups find by name."""
     specs: list[ConnectorSpec] = []
-    real_load = registry.load
-
-    def load(name: str) -> ConnectorSpec:
-        return next((s for s in specs if s.name == name), None) or real_load(name)
-
-    monkeypatch.setattr(registry, "load", load)
+    c.install(monkeypatch, specs)
     return specs
 
 
@@ -336,7 +316,7 @@ def test_command_topology_adds_the_call_queue_only_for_call_actions() -> None:
 async def _start(specs: list[ConnectorSpec], connector: c.FakeVoice) -> tuple[Service, InMemoryBus]:
     specs.append(c.spec(connector))
     bus = InMemoryBus()
-    svc = Service(_runtime(), [c.NAME], bus=bus, store=MemoryIdempotencyStore())
+    svc = Service(c.runtime(), [c.NAME], bus=bus, store=MemoryIdempotencyStore())
     await svc.start()
     return svc, bus
 
@@ -417,7 +397,7 @@ async def test_call_actions_without_call_control_refuse_to_start(
     hosted: list[ConnectorSpec],
 ) -> None:
     hosted.append(c.spec(c.NoCallControl()))
-    svc = Service(_runtime(), [c.NAME], bus=InMemoryBus(), store=MemoryIdempotencyStore())
+    svc = Service(c.runtime(), [c.NAME], bus=InMemoryBus(), store=MemoryIdempotencyStore())
     try:
         with pytest.raises(ConfigError, match="does not implement CallControl"):
             await svc.start()
