@@ -28,6 +28,7 @@ from opentelemetry.sdk.trace.export import (
     SpanExporter,
 )
 from opentelemetry.sdk.trace.sampling import Decision
+from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 from opentelemetry.util.types import Attributes
 from prometheus_client import Counter, Histogram
 
@@ -259,9 +260,17 @@ def tracer() -> trace.Tracer:
     return cached[1]
 
 
+#: Messages carry W3C trace context by contract (architecture.md section 4),
+#: whatever propagators the process configures for HTTP.
+_W3C = TraceContextTextMapPropagator()
+
+
 def inject_trace_headers(headers: dict[str, Any]) -> None:
     """Write the current W3C trace context (``traceparent``, ``tracestate``) into headers."""
-    propagate.inject(headers)
+    # The W3C propagator itself, not the global composite: the contract names
+    # W3C trace context, and the composite's baggage pass cost a third of this
+    # call on every published message.
+    _W3C.inject(headers)
 
 
 def extract_trace_context(headers: Any) -> Any:
