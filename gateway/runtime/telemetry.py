@@ -20,7 +20,7 @@ from opentelemetry import context as otel_context
 from opentelemetry import propagate, trace
 from opentelemetry.context import Context
 from opentelemetry.sdk.resources import Resource
-from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace import TracerProvider, sampling
 from opentelemetry.sdk.trace.export import (
     BatchSpanProcessor,
     ConsoleSpanExporter,
@@ -160,6 +160,8 @@ class _UnexportedTracer(trace.Tracer):
     def __init__(self, provider: TracerProvider) -> None:
         self._sampler = provider.sampler
         self._ids = provider.id_generator
+        # The SDK's default sampler, decided here without its result objects.
+        self._parent_based_on = provider.sampler is sampling.DEFAULT_ON
 
     def start_span(
         self,
@@ -177,8 +179,19 @@ class _UnexportedTracer(trace.Tracer):
             trace_id, random_id = parent.trace_id, parent.trace_flags.random_trace_id
         else:
             trace_id, random_id = self._ids.generate_trace_id(), self._ids.is_trace_id_random()
-        result = self._sampler.should_sample(context, trace_id, name, kind, attributes, links)
-        sampled = result.decision is Decision.RECORD_AND_SAMPLE
+        trace_state: trace.TraceState | None
+        if self._parent_based_on:
+            # ParentBased(ALWAYS_ON): a child follows its parent's sampled flag
+            # and keeps its trace state; a root is sampled. This is what
+            # should_sample answers, at a fraction of the cost per span.
+            if parent.is_valid:
+                sampled, trace_state = parent.trace_flags.sampled, parent.trace_state
+            else:
+                sampled, trace_state = True, None
+        else:
+            result = self._sampler.should_sample(context, trace_id, name, kind, attributes, links)
+            sampled = result.decision is Decision.RECORD_AND_SAMPLE
+            trace_state = result.trace_state
         flags = trace.TraceFlags.SAMPLED if sampled else trace.TraceFlags.DEFAULT
         if random_id:
             flags |= trace.TraceFlags.RANDOM_TRACE_ID
@@ -188,7 +201,7 @@ class _UnexportedTracer(trace.Tracer):
                 self._ids.generate_span_id(),
                 is_remote=False,
                 trace_flags=trace.TraceFlags(flags),
-                trace_state=result.trace_state,
+                trace_state=trace_state,
             )
         )
 

@@ -81,3 +81,34 @@ def test_adding_a_processor_brings_back_recorded_spans(provider: TracerProvider)
     (finished,) = exporter.get_finished_spans()
     assert finished.name == "recorded"
     assert finished.attributes == {"a": 1}
+
+
+@pytest.mark.parametrize(
+    "carrier",
+    [
+        {},
+        {"traceparent": "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"},
+        {"traceparent": "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-00"},
+        {
+            "traceparent": "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01",
+            "tracestate": "vendor=abc,other=1",
+        },
+    ],
+)
+def test_default_sampler_shortcut_agrees_with_the_sdk(
+    provider: TracerProvider, carrier: dict[str, str]
+) -> None:
+    # The default provider's sampler is decided without calling it: the flags
+    # and trace state must be what the SDK's own (recording) tracer gives.
+    sdk = provider.get_tracer("reference")
+    tracer = telemetry.tracer()
+    assert isinstance(tracer, telemetry._UnexportedTracer)
+    for parent in (PROPAGATOR.extract(carrier), None):
+        with sdk.start_as_current_span("reference", context=parent) as reference:
+            expected = reference.get_span_context()
+        with tracer.start_as_current_span("fast", context=parent) as fast:
+            got = fast.get_span_context()
+        assert got.trace_flags == expected.trace_flags
+        assert got.trace_state == expected.trace_state
+        if carrier and parent is not None:
+            assert got.trace_id == expected.trace_id
