@@ -2,7 +2,7 @@
 
 1. Starts fake Twilio, Vonage, Meta Graph and Telegram Bot APIs on loopback,
    then, in this one process like ``channel-gateway up``, the connectors
-   (sms.twilio, sms.vonage, whatsapp.meta, telegram.bot) and the gateway's gRPC
+   (sms.twilio, sms.vonage, whatsapp.meta, telegram.bot, voice.twilio) and the gateway's gRPC
    service (SQLite ledger in a temporary directory) on RabbitMQ — or, when no
    broker answers and none was named, on the in-memory bus, saying so loudly.
 2. Fires signed webhooks at the connectors over real HTTP: Twilio's (an SMS,
@@ -13,6 +13,10 @@
    ``X-Hub-Signature-256`` and a forged copy; a Telegram update carrying the
    bot's secret token and one with a wrong token (403).
 3. Consumes the normalized events from the broker and prints them.
+   Then a phone call: a signed Twilio incoming-call webhook answered with the
+   TwiML of the demo's call flow (a menu), the caller's key press posted to
+   the Gather's action URL from that TwiML (answered with the next step), and
+   the status callback that ends the call; prints the three CallEvents.
 4. Sends one message per SMS provider like a downstream service would: gRPC
    SendMessage with an idempotency key (the Twilio one twice with the same
    key: same message id, one provider call). Each connector calls its fake
@@ -38,6 +42,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlencode
+from xml.etree import ElementTree
 
 import aiohttp
 
@@ -64,7 +69,7 @@ from gateway.testing.fake_vonage import FakeVonage, signed_webhook_headers
 
 Events = asyncio.Queue[tuple[Event, str]]
 DEFAULT_BROKER = "amqp://guest:guest@localhost:5672/"
-CONNECTORS = ["sms.twilio", "sms.vonage", "whatsapp.meta", "telegram.bot"]
+CONNECTORS = ["sms.twilio", "sms.vonage", "whatsapp.meta", "telegram.bot", "voice.twilio"]
 ACCOUNT_SID = "AC" + "d3" * 16
 OUR_NUMBER = "+14155550100"
 CUSTOMER = "+447700900123"
@@ -89,6 +94,39 @@ SHARED_HINT = (
 )
 #: Outbound: Twilio's QUEUED, SENT, DELIVERED and Vonage's ACCEPTED, SENT, DELIVERED.
 EXPECTED_STATUSES = 6
+#: The call flow answering OUR_NUMBER (docs/voice.md): a greeting and a one-key menu.
+CALL_FLOWS: dict[str, Any] = {
+    "numbers": {OUR_NUMBER: "support"},
+    "flows": {
+        "support": {
+            "start": "welcome",
+            "steps": {
+                "welcome": [
+                    {"say": "Thanks for calling Acme."},
+                    {
+                        "gather": {
+                            "num_digits": 1,
+                            "prompt": [{"say": "Press 1 for an agent, 2 to leave a message."}],
+                            "routes": {"1": "agents", "2": "voicemail"},
+                            "default": "goodbye",
+                        }
+                    },
+                ],
+                "agents": [
+                    {"say": "Connecting you to an agent."},
+                    {"enqueue": {"queue": "agents"}},
+                ],
+                "voicemail": [
+                    {"say": "Leave a message after the beep."},
+                    {"record": {"max_length": 60, "then": "goodbye"}},
+                ],
+                "goodbye": [{"say": "Goodbye."}, "hangup"],
+            },
+        }
+    },
+}
+#: Call events of the demo call: call.ringing (answer), call.input (menu), call.completed.
+EXPECTED_CALL_EVENTS = ("call.ringing", "call.input", "call.completed")
 
 
 def _say(text: str) -> None:
@@ -233,12 +271,14 @@ async def _post(
     url: str,
     body: bytes | Mapping[str, str],
     headers: Mapping[str, str],
-) -> int:
+) -> tuple[int, str]:
+    """POST, say how it went; (HTTP status, body)."""
     started = time.perf_counter()
     async with http.post(url, data=body, headers=headers) as resp:
+        text = await resp.text()
         ms = (time.perf_counter() - started) * 1000
         _say(f"POST {label}: HTTP {resp.status} in {ms:.1f} ms")
-        return resp.status
+        return resp.status, text
 
 
 async def _timeline(address: str, message_id: str, seen: set[str]) -> OutboundMessage:
@@ -355,7 +395,7 @@ async def _inbound(
         ),
     ]
     async with aiohttp.ClientSession() as http:
-        return [await _post(http, *call) for call in calls]
+        return [(await _post(http, *call))[0] for call in calls]
 
 
 def _is_ours(event: Event, ids: set[str]) -> bool:
@@ -367,6 +407,8 @@ def _is_ours(event: Event, ids: set[str]) -> bool:
         return event.message.provider_message_id in ids
     if case == "status":
         return event.status.message_id in ids or event.status.provider_message_id in ids
+    if case == "call":
+        return event.call.call_id in ids
     return False
 
 
@@ -380,6 +422,82 @@ async def _next_events(events: Events, ids: set[str], count: int) -> list[Event]
             print("   ", render(event, key), flush=True)
             got.append(event)
     return got
+
+
+def _show_twiml(twiml: str) -> ElementTree.Element:
+    """Print an answer's TwiML, indented; its parsed ``<Response>``."""
+    response = ElementTree.fromstring(twiml)
+    ElementTree.indent(response, space="  ")
+    print(_indent(ElementTree.tostring(response, encoding="unicode")), flush=True)
+    return response
+
+
+async def _voice_call(base_url: str, events: Events, ids: set[str], *, token: str) -> bool:
+    """One phone call through voice.twilio, as Twilio drives it; True when every answer
+    and CallEvent is the expected one."""
+    sid = "CA" + secrets.token_hex(16)
+    ids.add(sid)
+    call = {
+        "AccountSid": ACCOUNT_SID,
+        "ApiVersion": "2010-04-01",
+        "CallSid": sid,
+        "CallStatus": "ringing",
+        "Direction": "inbound",
+        "From": CUSTOMER,
+        "Caller": CUSTOMER,
+        "To": OUR_NUMBER,
+        "Called": OUR_NUMBER,
+    }
+    incoming = f"{base_url}/webhooks/voice/twilio/main/incoming"
+    async with aiohttp.ClientSession() as http:
+        status, twiml = await _post(
+            http,
+            "Twilio incoming call (signed voice URL request), answered with TwiML",
+            incoming,
+            call,
+            _signed(incoming, call, token),
+        )
+        if status != 200:
+            return False
+        gather = _show_twiml(twiml).find("Gather")
+        if gather is None:
+            _say("the answer has no <Gather> menu")
+            return False
+        # The caller presses 1: Twilio posts the digits to the action URL the TwiML named.
+        action = gather.attrib["action"]
+        pressed = {**call, "CallStatus": "in-progress", "Digits": "1"}
+        status, twiml = await _post(
+            http,
+            "the caller pressed 1 (Gather action from that TwiML)",
+            action,
+            pressed,
+            _signed(action, pressed, token),
+        )
+        if status != 200:
+            return False
+        _show_twiml(twiml)
+        status_url = f"{base_url}/webhooks/voice/twilio/main/status"
+        ended = {**call, "CallStatus": "completed", "CallDuration": "42"}
+        status, _ = await _post(
+            http,
+            "Twilio call status callback (completed, 42 s)",
+            status_url,
+            ended,
+            _signed(status_url, ended, token),
+        )
+        if status != 204:
+            return False
+    _say("call events on channels.events (the same consumer, also bound to call.#):")
+    try:
+        got = await _next_events(events, ids, len(EXPECTED_CALL_EVENTS))
+    except TimeoutError:
+        _say(f"the {len(EXPECTED_CALL_EVENTS)} expected call events did not all arrive")
+        return False
+    # Answer events may be confirmed after their answer: compare without order.
+    if sorted(e.type for e in got) != sorted(EXPECTED_CALL_EVENTS):
+        _say(f"unexpected call events {[e.type for e in got]}")
+        return False
+    return True
 
 
 async def _outbound(address: str, events: Events, ids: set[str], *, hint: str) -> bool:
@@ -524,6 +642,15 @@ async def _run(broker_url: str | None, tmp: Path) -> int:
                             },
                         },
                     },
+                    "voice.twilio": {
+                        "accounts": {
+                            "main": {
+                                "account_sid": ACCOUNT_SID,
+                                "auth_token": {"env": "DEMO_TWILIO_TOKEN"},
+                            },
+                        },
+                        "call_flows": CALL_FLOWS,
+                    },
                     "telegram.bot": {
                         "api_base_url": fake_telegram.url,
                         "bots": {
@@ -565,11 +692,14 @@ async def _run(broker_url: str | None, tmp: Path) -> int:
         where = "the in-memory bus" if url == "memory://" else "RabbitMQ " + url.split("@")[-1]
         subscription = None
         try:
-            _say(f"starting the SMS and social connectors on {where}: {', '.join(CONNECTORS)}")
+            _say(
+                f"starting the SMS, social and voice connectors on {where}: "
+                + ", ".join(CONNECTORS)
+            )
             await service.start()
             await gateway.start()
             _say(f"starting the gateway: gRPC on {gateway.address}, SQLite ledger in {tmp}")
-            queue = await bus.declare_temporary_queue(EVENTS_EXCHANGE, ["message.#"])
+            queue = await bus.declare_temporary_queue(EVENTS_EXCHANGE, ["message.#", "call.#"])
             subscription = await bus.consume(queue, collect, prefetch=32)
             statuses = await _inbound(
                 service.base_url,
@@ -585,6 +715,8 @@ async def _run(broker_url: str | None, tmp: Path) -> int:
                 return 1
             _say("events on channels.events (a consumer bound to message.#):")
             await _next_events(events, ids, EXPECTED_INBOUND)
+            if not await _voice_call(service.base_url, events, ids, token=token):
+                return 1
             if not await _outbound(
                 gateway.address, events, ids, hint="" if url == "memory://" else SHARED_HINT
             ):

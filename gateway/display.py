@@ -6,6 +6,7 @@ import sys
 
 from google.protobuf.json_format import MessageToDict
 
+from gateway.api.v1.call_pb2 import CallState
 from gateway.api.v1.delivery_pb2 import DeliveryState
 from gateway.api.v1.envelope_pb2 import Event
 
@@ -35,6 +36,18 @@ def summary(event: Event) -> str:
         provider = f" ({st.provider_status})" if st.provider_status else ""
         ids = f"provider_id={st.provider_message_id or '-'} message_id={st.message_id or '-'}"
         return f"{state}{provider} {ids}{reason}"
+    if case == "call":
+        call = event.call
+        state = CallState.Name(call.state).removeprefix("CALL_STATE_")
+        words = [f"{state} ({call.provider_status})" if call.provider_status else state]
+        words.append(f"{getattr(call, 'from') or '-'} -> {call.to or '-'} call_id={call.call_id}")
+        if call.flow_step:
+            words.append(f"step={call.flow_step}")
+        if call.dtmf or call.speech:
+            words.append(f'input="{_short(call.dtmf or call.speech, 30)}"')
+        if call.HasField("duration"):
+            words.append(f"duration={call.duration.seconds}s")
+        return " ".join(words)
     return _short(str(MessageToDict(getattr(event, case))) if case else "<no payload>", 100)
 
 

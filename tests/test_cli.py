@@ -171,6 +171,25 @@ def _assert_whole_demo(stdout: str) -> None:
     telegram = [line for line in lines if "message.received.telegram.bot" in line]
     assert len(telegram) == 1
     assert '"/start order 3456"' in telegram[0]
+    # A phone call: answered with the demo flow's TwiML menu, the caller's key press posted
+    # to the Gather action from that TwiML, the status callback; one CallEvent each.
+    assert "HTTP 200" in posted("Twilio incoming call")
+    assert "HTTP 200" in posted("the caller pressed 1")
+    assert "HTTP 204" in posted("Twilio call status callback")
+    assert '<Gather input="dtmf" action="http://127.0.0.1:' in stdout
+    assert "<Enqueue>agents</Enqueue>" in stdout  # the step the menu routes "1" to
+    calls = {line.split()[0]: line for line in lines if line.startswith("    call.")}
+    assert set(calls) == {
+        "call.ringing.voice.twilio",
+        "call.input.voice.twilio",
+        "call.completed.voice.twilio",
+    }
+    assert len({line.split("call_id=")[1].split()[0] for line in calls.values()}) == 1
+    assert "+447700900123 -> +14155550100" in calls["call.ringing.voice.twilio"]
+    assert "RINGING (ringing)" in calls["call.ringing.voice.twilio"]
+    assert 'step=support/welcome input="1"' in calls["call.input.voice.twilio"]
+    assert "COMPLETED (completed)" in calls["call.completed.voice.twilio"]
+    assert "duration=42s" in calls["call.completed.voice.twilio"]
     # Outbound through the gateway's gRPC API, with an idempotent retry.
     sent = next(line for line in lines if "SendMessage via sms.twilio" in line)
     message_id = sent.split("accepted ")[1].split(",")[0]

@@ -4,14 +4,20 @@ The provider waits on an answer webhook (Twilio's voice URL, a Gather action,
 Vonage's answer URL) before the caller hears anything, so the call flow must
 be answered fast and must be answered even while the broker is down: a 503
 here is a dropped call. :class:`AnswerEvents` therefore waits for the
-publish confirm only for a short budget; events not confirmed by then are
-retried in the background, with backoff, until the broker confirms them
-(publishing dedupes on the deterministic event ids, so a retry that races a
-late confirm publishes nothing twice).
+publish only for a short budget and answers anyway; the publish goes on in
+the background.
 
-Retried events live in this process's memory only: a process that dies during
-a broker outage loses them (logged with their ids at shutdown). A durable
-spool belongs in the runtime (``ConnectorContext`` has no spool yet).
+Where the events go when the broker cannot confirm them: both voice
+connectors set ``spool_on_outage``, so with the runtime's durable spool
+enabled (``spool.enabled``) ``ConnectorContext.publish`` writes them to the
+spool (fsynced on local disk, republished by the runtime when the broker is
+back, surviving a crash or restart) and returns; nothing stays in this
+process. Only when ``publish`` raises, because no spool is configured or the
+spool refused the events (full or unwritable), are they retried here in
+memory, with backoff, until the broker confirms them (publishing dedupes on
+the deterministic event ids, so a retry that races a late confirm publishes
+nothing twice). Those in-memory retries are lost if the process dies (logged
+with their ids at shutdown); the spool is what makes answer events durable.
 """
 
 from __future__ import annotations
@@ -47,7 +53,7 @@ class AnswerEvents:
         return len(self._tasks)
 
     async def submit(self, events: Sequence[Event]) -> bool:
-        """Publish ``events``; True when confirmed within the wait budget.
+        """Publish ``events``; True when confirmed (or spooled) within the wait budget.
 
         Never raises for broker trouble: unconfirmed events keep being
         retried in the background (the caller answers the provider anyway).
@@ -85,6 +91,8 @@ class AnswerEvents:
                     self._ctx.log.info("call events published after retry", attempts=attempt)
                 return
             except Exception as exc:  # noqa: BLE001 - any failure is retried: the call was answered
+                # publish spools broker failures when the runtime has a spool,
+                # so reaching here means neither broker nor spool took them.
                 self._ctx.log.warning(
                     "call events not confirmed, retrying",
                     error=repr(exc),

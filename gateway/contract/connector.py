@@ -195,7 +195,10 @@ class ConnectorContext(Protocol):
         IMAP poll): deduped on their ids like webhook events, and confirmed by
         the broker. Raises :class:`~gateway.contract.errors.TransientError`
         unless every event is confirmed (the caller then refuses the input
-        temporarily, e.g. SMTP 451)."""
+        temporarily, e.g. SMTP 451). For a connector whose spec sets
+        ``spool_on_outage``, an event the broker could not confirm is written
+        to the runtime's durable spool when one is configured (and republished
+        later); it raises then only when the spool refuses too."""
 
     async def quarantine(self, event: Event) -> None:
         """Publish input that must not be processed (a MIME bomb, say) with its
@@ -255,6 +258,10 @@ class ConnectorSpec:
     manifest: ConnectorManifest
     #: How long inbound dedup remembers an event: at least the provider's retry window.
     dedup_ttl_seconds: int = 24 * 3600
+    #: Write events the broker cannot confirm to the runtime's durable spool (when
+    #: one is configured) and answer 2xx, instead of 503: for providers that do
+    #: not retry a 5xx (Twilio), where a 503 loses the event.
+    spool_on_outage: bool = False
 
     @property
     def name(self) -> str:

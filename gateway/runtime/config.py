@@ -10,7 +10,7 @@ a message naming the field.
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
@@ -57,6 +57,38 @@ class DedupSettings(_Model):
     pending_wait: float = Field(default=2.0, ge=0)
 
 
+class SpoolSettings(_Model):
+    """The durable local spool for events the broker could not confirm.
+
+    Only connectors whose spec sets ``spool_on_outage`` (providers that do not
+    retry a 5xx, such as Twilio) spool; the others answer 503 in an outage.
+    """
+
+    enabled: bool = False
+    #: Directory of the spool files; it must survive restarts (a volume).
+    state_dir: str = "/var/lib/channel-gateway/spool"
+    #: The spool file; default ``<state_dir>/<channels>.sqlite`` for the channels
+    #: of the service's spooling connectors (``sms.sqlite``, ``voice.sqlite``).
+    path: str | None = None
+    #: Bounds: when either is reached the spool refuses and webhooks get 503.
+    max_events: int = Field(default=100_000, gt=0)
+    max_bytes: int = Field(default=256 * 1024 * 1024, gt=0)
+    #: Seconds a write waits for another process's lock on the file.
+    lock_timeout: float = Field(default=5.0, gt=0)
+    #: Spooled events republished per batch.
+    replay_batch: int = Field(default=100, gt=0)
+    #: Replay backoff while the broker is down: first delay and cap, in seconds.
+    initial_backoff: float = Field(default=0.5, gt=0)
+    max_backoff: float = Field(default=30.0, gt=0)
+
+    def file_for(self, channels: Sequence[str]) -> Path:
+        """The spool file of a service whose spooling connectors are on ``channels``."""
+        if self.path:
+            return Path(self.path)
+        name = "+".join(sorted(set(channels))) or "gateway"
+        return Path(self.state_dir) / f"{name}.sqlite"
+
+
 class TelemetrySettings(_Model):
     """Logs and traces."""
 
@@ -94,6 +126,7 @@ class RuntimeSettings(_Model):
     dedup: DedupSettings = DedupSettings()
     telemetry: TelemetrySettings = TelemetrySettings()
     send: SendSettings = SendSettings()
+    spool: SpoolSettings = SpoolSettings()
     subscriptions: list[SubscriptionSettings] = []
     #: Raw connector sections by name (``sms.twilio``), validated by each spec.
     connectors: dict[str, dict[str, Any]] = {}

@@ -4,14 +4,16 @@ Each connector route is wrapped the same way: read the raw body under the size
 limit, give it to the connector (which verifies and maps), publish the events
 with confirms and dedup, and only then answer with the connector's reply.
 Authentication failures are 401/403 and malformed input is 4xx; neither
-touches the broker. A broker or dedup-store failure is a fast 503.
+touches the broker. A broker or dedup-store failure is a fast 503, unless the
+connector spools on outage and the durable spool took the events (then the
+provider gets its reply, counted as outcome ``spooled``).
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass, field
 
 from aiohttp import web
 from opentelemetry import trace
@@ -62,7 +64,14 @@ def _handler(
     span_name = f"webhook {name} {route.name}"
     counter = {
         outcome: WEBHOOKS.labels(name, route.name, outcome)
-        for outcome in ("accepted", "duplicate", "unauthorized", "bad_request", "unavailable")
+        for outcome in (
+            "accepted",
+            "spooled",
+            "duplicate",
+            "unauthorized",
+            "bad_request",
+            "unavailable",
+        )
     }
 
     async def handle(request: web.Request) -> web.StreamResponse:
@@ -132,9 +141,12 @@ def _handler(
                 return web.Response(
                     status=503, text="temporarily unavailable\n", headers={"Retry-After": "5"}
                 )
-            counter[
-                "duplicate" if outcome.duplicates and not outcome.published else "accepted"
-            ].inc()
+            if outcome.spooled:
+                counter["spooled"].inc()
+            elif outcome.duplicates and not outcome.published:
+                counter["duplicate"].inc()
+            else:
+                counter["accepted"].inc()
             reply = inbound.reply
             return web.Response(
                 status=reply.status, body=reply.body, content_type=reply.content_type
@@ -143,7 +155,25 @@ def _handler(
     return handle
 
 
-ReadinessCheck = Callable[[], Awaitable[dict[str, bool]]]
+@dataclass(frozen=True, kw_only=True)
+class Readiness:
+    """What ``/readyz`` reports: named checks, which of them are required, details."""
+
+    checks: dict[str, bool]
+    #: Checks shown but not required right now: the service still takes traffic
+    #: safely without them (the broker, while the durable spool accepts).
+    optional: frozenset[str] = frozenset()
+    #: Extra facts for operators, e.g. ``{"spool": {"depth": 3, ...}}``.
+    details: Mapping[str, object] = field(default_factory=dict)
+
+    @property
+    def ready(self) -> bool:
+        """True when every required check passes."""
+        return all(ok for name, ok in self.checks.items() if name not in self.optional)
+
+
+#: Named checks (all required), or a :class:`Readiness`.
+ReadinessCheck = Callable[[], Awaitable[Mapping[str, bool] | Readiness]]
 
 
 def build_app(
@@ -161,10 +191,15 @@ def build_app(
         return web.json_response({"status": "ok", "uptime_seconds": round(time.time() - started)})
 
     async def readyz(_: web.Request) -> web.Response:
-        checks = await readiness()
-        ready = all(checks.values())
+        result = await readiness()
+        report = result if isinstance(result, Readiness) else Readiness(checks=dict(result))
+        ready = report.ready
+        # "degraded": taking traffic safely, but something optional is down.
+        status = "not ready" if not ready else "ready"
+        if ready and not all(report.checks.values()):
+            status = "degraded"
         return web.json_response(
-            {"status": "ready" if ready else "not ready", "checks": checks},
+            {"status": status, "checks": report.checks, **report.details},
             status=200 if ready else 503,
         )
 

@@ -4,6 +4,13 @@
 provider gets its 2xx only when every event of its request is confirmed by the
 broker (or was confirmed before: a duplicate), and a failed request leaves no
 claim behind, so the provider's retry re-emits exactly what is missing.
+
+With a :class:`~gateway.runtime.spool.Spool` (connectors whose spec sets
+``spool_on_outage``), an event the broker did not confirm is written to the
+durable spool instead, and counts as accepted: its dedup claim is completed,
+so the provider's retry is a duplicate, and the spool's drainer republishes
+it once the broker is back. Only broker failures spool; a dedup-store failure,
+an unroutable event or a full spool still raise (and the webhook gets 503).
 """
 
 from __future__ import annotations
@@ -18,15 +25,26 @@ from prometheus_client import Counter
 
 from gateway.api.v1.envelope_pb2 import Event
 from gateway.contract.errors import TransientError
-from gateway.runtime.bus import Bus
+from gateway.runtime.bus import Bus, OutgoingMessage, UnroutableError
 from gateway.runtime.codec import encode_event, event_routing_key
 from gateway.runtime.idempotency import ClaimState, IdempotencyStore
-from gateway.runtime.telemetry import DUPLICATES, EVENTS_PUBLISHED, PUBLISH_SECONDS, tracer
+from gateway.runtime.spool import Spool, SpoolError
+from gateway.runtime.telemetry import (
+    DUPLICATES,
+    EVENTS_PUBLISHED,
+    PUBLISH_SECONDS,
+    SPOOL_REFUSED,
+    SPOOLED,
+    get_logger,
+    tracer,
+)
 from gateway.runtime.topology import EVENTS_EXCHANGE
 
 #: How long a claim may stay pending: a publish never takes longer than this.
 _PENDING_TTL = 30.0
 _POLL = 0.02
+
+log = get_logger("gateway.publisher")
 
 
 class ConcurrentDeliveryError(TransientError):
@@ -41,6 +59,8 @@ class InboundOutcome:
 
     published: int
     duplicates: int
+    #: Events written to the durable spool (accepted, republished later).
+    spooled: int = 0
 
 
 class EventPublisher:
@@ -54,15 +74,27 @@ class EventPublisher:
         connector: str,
         publish_timeout: float,
         pending_wait: float,
+        spool: Spool | None = None,
     ) -> None:
         self._bus, self._store, self._connector = bus, store, connector
         self._timeout, self._pending_wait = publish_timeout, pending_wait
+        self._spool = spool
         # Labelled metric children, looked up once rather than per event.
         self._published: dict[str, Counter] = {}
         self._duplicates = DUPLICATES.labels(connector)
+        self._spooled = SPOOLED.labels(connector)
+
+    @property
+    def spool(self) -> Spool | None:
+        """The spool unconfirmed events fall back to (None: they raise)."""
+        return self._spool
 
     async def publish(self, event: Event) -> None:
-        """Publish one event and wait for the broker's confirm (no dedup)."""
+        """Publish one event and wait for the broker's confirm (no dedup, no spool)."""
+        await self._publish(event, spool=None)
+
+    async def _publish(self, event: Event, spool: Spool | None) -> bool:
+        """Publish with confirm, or spool it when the broker failed; True when spooled."""
         routing_key = event_routing_key(event)
         # A producer span per message (OTel messaging conventions); its context
         # is what the message's traceparent carries to consumers.
@@ -76,10 +108,22 @@ class EventPublisher:
                 "messaging.rabbitmq.destination.routing_key": routing_key,
                 "messaging.message.id": event.id,
             },
-        ):
+        ) as span:
             message = encode_event(event)
             started = time.perf_counter()
-            await self._bus.publish(EVENTS_EXCHANGE, routing_key, message, timeout=self._timeout)
+            try:
+                await self._bus.publish(
+                    EVENTS_EXCHANGE, routing_key, message, timeout=self._timeout
+                )
+            except UnroutableError:
+                # Not an outage: a replay would be refused the same way.
+                raise
+            except TransientError as exc:
+                if spool is None:
+                    raise
+                await self._to_spool(spool, routing_key, message, exc)
+                span.set_attribute("gateway.spooled", True)
+                return True
             PUBLISH_SECONDS.observe(time.perf_counter() - started)
         counter = self._published.get(event.type)
         if counter is None:
@@ -87,6 +131,34 @@ class EventPublisher:
                 self._connector, event.type
             )
         counter.inc()
+        return False
+
+    async def _to_spool(
+        self, spool: Spool, routing_key: str, message: OutgoingMessage, cause: TransientError
+    ) -> None:
+        # The message exactly as attempted (headers, traceparent, ids), so the
+        # replay is the same publish.
+        try:
+            await spool.put(self._connector, EVENTS_EXCHANGE, routing_key, message)
+        except SpoolError as exc:
+            SPOOL_REFUSED.labels(self._connector, exc.code).inc()
+            log.error(
+                "event not spooled: broker and spool both refused it",
+                connector=self._connector,
+                message_id=message.message_id,
+                broker_error=str(cause),
+                spool_error=str(exc),
+            )
+            raise type(exc)(f"{cause}; and not spooled: {exc}") from cause
+        self._spooled.inc()
+        log.warning(
+            "event spooled: broker did not confirm it",
+            connector=self._connector,
+            message_id=message.message_id,
+            routing_key=routing_key,
+            error=str(cause),
+            code=cause.code,
+        )
 
     async def _claim(self, key: str) -> ClaimState:
         claim = await self._store.claim(key, ttl=_PENDING_TTL)
@@ -99,21 +171,25 @@ class EventPublisher:
             claim = await self._store.claim(key, ttl=_PENDING_TTL)
         return claim.state
 
-    async def _publish_claimed(self, event: Event, dedup_ttl: float) -> None:
-        """Publish an event we hold the claim of; complete the claim, or release it."""
+    async def _publish_claimed(self, event: Event, dedup_ttl: float) -> bool:
+        """Publish (or spool) an event we hold the claim of; complete the claim, or
+        release it. True when the event was spooled."""
         try:
-            await self.publish(event)
+            spooled = await self._publish(event, self._spool)
         except BaseException:
             # Cancelled or failed: no claim may stay behind, the retry must re-emit.
             await self._store.release(event.id)
             raise
+        # A spooled event is accepted: the provider's retry must be a duplicate.
         await self._store.complete(event.id, "1", ttl=dedup_ttl)
+        return spooled
 
     async def publish_inbound(self, events: Sequence[Event], *, dedup_ttl: float) -> InboundOutcome:
-        """Publish every event not seen before; raise unless all are confirmed.
+        """Publish every event not seen before; raise unless all are confirmed or spooled.
 
-        Raises :class:`TransientError` (a publish failed, or a concurrent copy
-        of the same request is still in flight); the caller answers non-2xx.
+        Raises :class:`TransientError` (a publish failed and was not spooled,
+        or a concurrent copy of the same request is still in flight); the
+        caller answers non-2xx.
         """
         if len(events) == 1:
             # The common case (one webhook, one event), without tasks or lists.
@@ -125,11 +201,13 @@ class EventPublisher:
             if state is ClaimState.PENDING:
                 raise ConcurrentDeliveryError("1 event(s) are being published by another request")
             try:
-                await self._publish_claimed(event, dedup_ttl)
+                spooled = await self._publish_claimed(event, dedup_ttl)
             except TransientError:
                 raise
             except Exception as exc:
                 raise TransientError(f"publish failed: {exc!r}") from exc
+            if spooled:
+                return InboundOutcome(published=0, duplicates=0, spooled=1)
             return InboundOutcome(published=1, duplicates=0)
         unique = list({e.id: e for e in events}.values())
         if not unique:
@@ -140,12 +218,12 @@ class EventPublisher:
         in_flight = sum(s is ClaimState.PENDING for s in states)
         if duplicates:
             self._duplicates.inc(duplicates)
-        results: list[BaseException | None] = list(
+        results: list[BaseException | bool] = list(
             await asyncio.gather(
                 *(self._publish_claimed(e, dedup_ttl) for e in fresh), return_exceptions=True
             )
         )
-        failures = [r for r in results if r is not None]
+        failures = [r for r in results if isinstance(r, BaseException)]
         if failures:
             first = failures[0]
             if isinstance(first, TransientError):
@@ -155,4 +233,7 @@ class EventPublisher:
             raise ConcurrentDeliveryError(
                 f"{in_flight} event(s) are being published by another request"
             )
-        return InboundOutcome(published=len(fresh), duplicates=duplicates)
+        spooled_count = sum(r is True for r in results)
+        return InboundOutcome(
+            published=len(fresh) - spooled_count, duplicates=duplicates, spooled=spooled_count
+        )

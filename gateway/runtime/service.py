@@ -28,10 +28,11 @@ from gateway.runtime.bus import Bus, Subscription
 from gateway.runtime.codec import encode_event
 from gateway.runtime.config import RuntimeSettings
 from gateway.runtime.idempotency import IdempotencyStore, RedisIdempotencyStore, open_store
-from gateway.runtime.ingress import MountedConnector, build_app, route_path
+from gateway.runtime.ingress import MountedConnector, Readiness, build_app, route_path
 from gateway.runtime.memory_bus import InMemoryBus
 from gateway.runtime.outbound import CallCommandWorker, CommandWorker, command_topology
 from gateway.runtime.publisher import EventPublisher
+from gateway.runtime.spool import Spool, SpoolDrainer, SpoolError
 from gateway.runtime.telemetry import ensure_tracing, get_logger
 from gateway.runtime.topology import (
     DEAD_EXCHANGE,
@@ -143,6 +144,9 @@ class Service:
         self._site: web.TCPSite | None = None
         self._http: aiohttp.ClientSession | None = None
         self.port: int | None = None
+        #: The durable spool (spool.enabled and a hosted connector spools on outage).
+        self.spool: Spool | None = None
+        self._drainer: SpoolDrainer | None = None
 
     @property
     def base_url(self) -> str:
@@ -185,6 +189,7 @@ class Service:
             )
         await self.bus.connect()
         await self.bus.declare(self.topology(specs))
+        await self._open_spool(specs)
         timeout = aiohttp.ClientTimeout(
             total=self.settings.send.provider_timeout,
             sock_connect=min(5.0, self.settings.send.provider_timeout),
@@ -203,6 +208,7 @@ class Service:
                 connector=spec.name,
                 publish_timeout=self.settings.broker.publish_timeout,
                 pending_wait=self.settings.dedup.pending_wait,
+                spool=self.spool if spec.spool_on_outage else None,
             )
             context.publisher, context.bus = publisher, self.bus
             context.publish_timeout = self.settings.broker.publish_timeout
@@ -279,6 +285,40 @@ class Service:
             spec, connector, publisher, self.store, self.settings.send, actions=actions
         )
 
+    async def _open_spool(self, specs: Sequence[ConnectorSpec]) -> None:
+        """Open the spool and start replaying it (what a previous run left included)."""
+        config = self.settings.spool
+        spooling = [spec for spec in specs if spec.spool_on_outage]
+        if not config.enabled or not spooling:
+            return
+        path = config.file_for([spec.channel for spec in spooling])
+        spool = Spool(
+            path,
+            max_events=config.max_events,
+            max_bytes=config.max_bytes,
+            lock_timeout=config.lock_timeout,
+        )
+        try:
+            left = await spool.open()
+        except SpoolError as exc:
+            raise ConfigError(f"spool: {exc}") from exc
+        self.spool = spool
+        self._drainer = SpoolDrainer(
+            spool,
+            self.bus,
+            publish_timeout=self.settings.broker.publish_timeout,
+            batch_size=config.replay_batch,
+            initial_backoff=config.initial_backoff,
+            max_backoff=config.max_backoff,
+        )
+        self._drainer.start()
+        log.info(
+            "spool open",
+            path=str(path),
+            connectors=[spec.name for spec in spooling],
+            events_left=left.events,
+        )
+
     def _bound_port(self) -> int:
         assert self._runner is not None
         for address in self._runner.addresses:
@@ -286,12 +326,32 @@ class Service:
                 return int(address[1])
         return self.settings.http.port
 
-    async def readiness(self) -> dict[str, bool]:
-        """Named readiness checks for ``/readyz``."""
+    async def readiness(self) -> Readiness:
+        """Named readiness checks for ``/readyz``.
+
+        While the spool accepts, the broker is not required: webhooks of the
+        spooling connectors are taken safely (others answer 503 as before).
+        """
         checks = {"broker": self.bus.is_ready()}
         if isinstance(self.store, RedisIdempotencyStore):
             checks["dedup_store"] = await self.store.ping()
-        return checks
+        if self.spool is None:
+            return Readiness(checks=checks)
+        checks["spool"] = self.spool.accepting
+        stats = self.spool.stats
+        return Readiness(
+            checks=checks,
+            optional=frozenset({"broker"}) if checks["spool"] else frozenset(),
+            details={
+                "spool": {
+                    "depth": stats.events,
+                    "bytes": stats.bytes,
+                    "max_events": self.spool.max_events,
+                    "max_bytes": self.spool.max_bytes,
+                    "error": self.spool.failure,
+                }
+            },
+        )
 
     async def stop(self) -> None:
         """Drain and stop (safe to call twice)."""
@@ -307,11 +367,18 @@ class Service:
         for hosted in self.hosted:
             await hosted.connector.stop()
         self.hosted.clear()
+        if self._drainer is not None:
+            # After the connectors: what they spooled while stopping stays spooled.
+            await self._drainer.stop()
+            self._drainer = None
         if self._http is not None:
             await self._http.close()
             self._http = None
         await self.bus.close()
         await self.store.close()
+        if self.spool is not None:
+            await self.spool.close()
+            self.spool = None
         log.info("service stopped", connectors=self.names)
 
     async def run(self, *, stop_event: asyncio.Event | None = None) -> None:

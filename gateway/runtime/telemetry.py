@@ -30,7 +30,7 @@ from opentelemetry.sdk.trace.export import (
 from opentelemetry.sdk.trace.sampling import Decision
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 from opentelemetry.util.types import Attributes
-from prometheus_client import Counter, Histogram
+from prometheus_client import Counter, Gauge, Histogram
 
 from gateway.contract.addresses import mask_email, mask_phone
 
@@ -323,3 +323,23 @@ CALL_COMMANDS = Counter(
     "Call commands by connector, action and outcome",
     ["connector", "action", "outcome"],
 )
+
+# The durable spool (gateway.runtime.spool): events accepted while the broker
+# could not confirm them, and their replay.
+SPOOLED = Counter(
+    "gateway_spooled_events_total",
+    "Events written to the local spool because the broker did not confirm them",
+    ["connector"],
+)
+SPOOL_REFUSED = Counter(
+    "gateway_spool_refused_total",
+    "Events the spool refused (full or unwritable): their webhook got a 503",
+    ["connector", "reason"],
+)
+SPOOL_REPLAYED = Counter(
+    "gateway_spool_replayed_total",
+    "Spooled events republished and confirmed by the broker",
+    ["connector"],
+)
+SPOOL_DEPTH = Gauge("gateway_spool_depth", "Events waiting in the local spool file")
+SPOOL_BYTES = Gauge("gateway_spool_bytes", "Bytes counted against the spool's max_bytes bound")

@@ -15,6 +15,8 @@ SPEC = ConnectorSpec(
     manifest=MANIFEST,
     # Twilio retries a webhook within seconds; an hour is ample.
     dedup_ttl_seconds=3600,
+    # Twilio does not retry a 5xx, and answered calls cannot wait: spool in an outage.
+    spool_on_outage=True,
 )
 
 __all__ = ["MANIFEST", "SPEC", "TwilioVoiceConnector", "TwilioVoiceSettings"]

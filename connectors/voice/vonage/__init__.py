@@ -15,6 +15,8 @@ SPEC = ConnectorSpec(
     manifest=MANIFEST,
     # Vonage retries event webhooks for a limited time; a day is ample.
     dedup_ttl_seconds=24 * 3600,
+    # A live call cannot wait for a broker outage to end: spool its events.
+    spool_on_outage=True,
 )
 
 __all__ = ["MANIFEST", "SPEC", "VonageVoiceConnector", "VonageVoiceSettings"]
