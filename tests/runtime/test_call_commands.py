@@ -22,7 +22,7 @@ from gateway.contract.errors import (
     PermanentError,
     TransientError,
 )
-from gateway.runtime.bus import Delivery, UnroutableError
+from gateway.runtime.bus import Delivery, PublishError, UnroutableError
 from gateway.runtime.codec import decode_event, encode_call_command
 from gateway.runtime.config import SendSettings
 from gateway.runtime.idempotency import MemoryIdempotencyStore
@@ -190,6 +190,20 @@ async def test_redelivered_command_republishes_the_same_event() -> None:
     assert again.call_command == first.call_command
     assert again.account == "main"
     assert again.attributes == first.attributes
+
+
+async def test_outcome_recorded_before_a_failed_publish_is_republished_not_redone() -> None:
+    harness = await Harness(c.FakeVoice([c.accepted("CA-1"), c.accepted("CA-2")])).start()
+    harness.bus.available = False  # the broker cannot confirm the outcome event
+    with pytest.raises(PublishError):
+        await harness.worker.handle(_delivery(c.place()))
+    # The bus requeues the command; once the broker is back, the redelivery
+    # publishes the recorded outcome and the provider is not called again.
+    harness.bus.available = True
+    await harness.worker.handle(_delivery(c.place(), redelivered=True))
+    (event,) = await harness.outcomes()
+    assert len(harness.connector.calls) == 1
+    assert event.call_command.call_id == "CA-1"
 
 
 async def test_concurrent_copy_waits_for_the_live_caller() -> None:
