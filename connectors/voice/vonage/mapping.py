@@ -14,6 +14,7 @@ from typing import Any
 from google.protobuf.duration_pb2 import Duration
 from google.protobuf.timestamp_pb2 import Timestamp
 
+from connectors.voice import voicemail
 from connectors.voice.lifecycle import STATE_WORDS
 from gateway.api.v1.call_pb2 import CallEvent, CallState
 from gateway.api.v1.content_pb2 import Attachment
@@ -47,6 +48,7 @@ EVENT_TYPES = (
     "call.input",
     "call.recording",
     "call.transcription",
+    "message.received",
 )
 _ATTRIBUTES = {
     "conversation_uuid": "vonage.conversation_uuid",
@@ -230,7 +232,6 @@ def recording_event(
     uuid the connector put in the record eventUrl.
     """
     recording_uuid = required(body, "recording_uuid")
-    url = required(body, "recording_url")
     event = call_event(
         {**body, "uuid": call_id},
         account=account,
@@ -241,13 +242,62 @@ def recording_event(
         received_at=received_at,
         flow_step=flow_step,
     )
-    event.call.recording.CopyFrom(
-        Attachment(
-            url=url,
-            content_type="audio/mpeg",
-            provider_media_id=recording_uuid,
-            filename=f"{recording_uuid}.mp3",
-            size_bytes=int(text(body, "size") or 0) if text(body, "size").isdigit() else 0,
-        )
-    )
+    event.call.recording.CopyFrom(recording_attachment(body))
     return event
+
+
+def recording_attachment(body: Mapping[str, Any]) -> Attachment:
+    """The MP3 a record event points at (the connector's record actions ask for mp3)."""
+    recording_uuid = required(body, "recording_uuid")
+    size = text(body, "size")
+    return Attachment(
+        url=required(body, "recording_url"),
+        content_type="audio/mpeg",
+        provider_media_id=recording_uuid,
+        filename=f"{recording_uuid}.mp3",
+        size_bytes=int(size) if size.isdigit() else 0,
+    )
+
+
+def _seconds_between(body: Mapping[str, Any]) -> int | None:
+    start, end = text(body, "start_time"), text(body, "end_time")
+    if not start or not end:
+        return None
+    try:
+        began = datetime.fromisoformat(start.replace("Z", "+00:00"))
+        ended = datetime.fromisoformat(end.replace("Z", "+00:00"))
+    except ValueError as exc:
+        raise BadRequestError(f"malformed start_time/end_time {start!r}/{end!r}") from exc
+    return max(0, round((ended - began).total_seconds()))
+
+
+def voicemail_message(
+    body: Mapping[str, Any],
+    *,
+    account: str,
+    call_id: str,
+    caller: str,
+    called: str,
+    flow_step: str,
+    raw: RawPayload,
+    received_at: datetime,
+) -> Event:
+    """``message.received``: the voicemail of a flow's record step, audio attached.
+
+    Record events name neither the leg nor the parties: the connector put them
+    in the record eventUrl (``call``, ``caller``, ``called``).
+    """
+    return voicemail.voicemail_message(
+        provider=PROVIDER,
+        account=account,
+        recording_id=required(body, "recording_uuid"),
+        call_id=call_id,
+        caller=caller,
+        called=called,
+        recording=recording_attachment(body),
+        flow_step=flow_step,
+        raw=raw,
+        received_at=received_at,
+        occurred_at=_occurred(body, received_at),
+        duration_seconds=_seconds_between(body),
+    )
