@@ -166,7 +166,8 @@ MANIFEST = ConnectorManifest(
     docs_url="https://www.twilio.com/docs/voice/twiml",
     outbound_content=[],
     inbound_content=["media"],
-    event_types=list(mapping.EVENT_TYPES),
+    # Plus call.command: the outcome the runtime publishes for each call command.
+    event_types=[*mapping.EVENT_TYPES, "call.command"],
     limits=ConnectorLimits(max_recipients=1),
     idempotent_send=False,
     # CallCommand actions this connector executes (TwilioVoiceConnector.call).

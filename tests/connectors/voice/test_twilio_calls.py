@@ -30,6 +30,7 @@ from twilio.twiml.voice_response import Dial, VoiceResponse  # type: ignore[impo
 from connectors.voice.twilio import MANIFEST, TwilioVoiceConnector, TwilioVoiceSettings
 from gateway.api.v1.call_pb2 import (
     CallCommand,
+    CallCommandOutcome,
     CallState,
     EnqueueCall,
     HangUpCall,
@@ -45,7 +46,9 @@ from gateway.contract import (
     PermanentError,
     TransientError,
 )
+from gateway.runtime.codec import encode_call_command
 from gateway.runtime.telemetry import get_logger
+from gateway.runtime.topology import COMMANDS_EXCHANGE
 from gateway.testing.fake_twilio import FakeTwilio
 from tests.connectors.voice.conftest import (
     ACCOUNT_SID,
@@ -624,3 +627,68 @@ async def test_hanging_up_a_live_call_reports_it_completed(
     assert caught.value.code == "call_not_in_progress"
     await asyncio.sleep(0.1)
     assert [e for e, _ in await harness.drain(0.1) if e.call.call_id == sid] == []
+
+
+async def until(
+    harness: Harness, command_id: str, sid: str = "", call_states: int = 0
+) -> tuple[Event, list[Event]]:
+    """Events until a command's call.command outcome and ``call_states`` events of
+    call ``sid`` arrived (the two race: callbacks are not ordered after the outcome)."""
+    found: Event | None = None
+    calls: list[Event] = []
+    while found is None or len(calls) < call_states:
+        event, key = await harness.next_event()
+        if event.type == "call.command" and event.causation_id == command_id:
+            assert key == "call.command.voice.twilio"
+            found = event
+        elif sid and event.call.call_id == sid:
+            calls.append(event)
+    return found, calls
+
+
+async def test_call_commands_through_the_runtime_worker(
+    calling: tuple[Harness, FakeTwilio, TwilioVoiceConnector],
+) -> None:
+    harness, fake, _ = calling
+    fake.call_progress = ("initiated", "ringing", "answered")
+    cmd = place(flow="support")
+    cmd.metadata["agent"] = "a-17"
+    # As a downstream service sends it: on channels.commands, routing key call.voice.twilio.
+    routing_key, message = encode_call_command(cmd)
+    assert routing_key == "call.voice.twilio"
+    await harness.bus.publish(COMMANDS_EXCHANGE, routing_key, message, timeout=1)
+    placed, _ = await until(harness, cmd.command_id)
+    result = placed.call_command
+    assert result.outcome == CallCommandOutcome.CALL_COMMAND_OUTCOME_ACCEPTED
+    assert result.action == "place"
+    assert result.provider_status == "queued"
+    assert placed.account == "main"
+    assert placed.attributes["agent"] == "a-17"
+    (sid,) = fake.placed
+    assert result.call_id == sid
+
+    # A call Twilio does not know: FAILED, permanent, Twilio asked exactly once.
+    missing = command(hang_up=HangUpCall(call_id="CA" + "9e" * 16))
+    routing_key, message = encode_call_command(missing)
+    await harness.bus.publish(COMMANDS_EXCHANGE, routing_key, message, timeout=1)
+    # The placed call's initiated, ringing and answered events arrive meanwhile.
+    failed, lifecycle = await until(harness, missing.command_id, sid, 3)
+    assert [e.call.state for e in lifecycle] == [
+        CallState.CALL_STATE_INITIATED,
+        CallState.CALL_STATE_RINGING,
+        CallState.CALL_STATE_ANSWERED,
+    ]
+    assert failed.call_command.outcome == CallCommandOutcome.CALL_COMMAND_OUTCOME_FAILED
+    assert failed.call_command.reason_code == "call_not_found"
+    assert failed.call_command.permanent
+    assert failed.call_command.call_id == "CA" + "9e" * 16
+    assert [r.call_sid for r in fake.call_requests] == ["", "CA" + "9e" * 16]
+
+    # Hanging up the placed call: ACCEPTED, and its completed event.
+    hang_up = command(hang_up=HangUpCall(call_id=sid))
+    routing_key, message = encode_call_command(hang_up)
+    await harness.bus.publish(COMMANDS_EXCHANGE, routing_key, message, timeout=1)
+    done, (completed,) = await until(harness, hang_up.command_id, sid, 1)
+    assert done.call_command.outcome == CallCommandOutcome.CALL_COMMAND_OUTCOME_ACCEPTED
+    assert (done.call_command.call_id, done.call_command.provider_status) == (sid, "completed")
+    assert completed.call.state == CallState.CALL_STATE_COMPLETED
