@@ -4,7 +4,7 @@ How each :class:`~gateway.api.v1.call_pb2.CallCommand` action maps:
 
 ========  ====================================================================
 place     ``POST /v1/calls``: ``to`` [phone (E.164 digits) or sip (uri)],
-          ``from`` phone (the command's, else the account's ``from_number``,
+          ``from`` phone (the command's, else the account's ``caller_number``,
           else ``random_from_number``), ``event_url`` = the event route,
           ``ringing_timer``. ``say``/``play_url``: an inline ``ncco`` (talk or
           stream; the call hangs up when it ends). ``flow`` (or ``record``):
@@ -15,7 +15,7 @@ place     ``POST /v1/calls``: ``to`` [phone (E.164 digits) or sip (uri)],
           end condition, which records the whole call asynchronously.
 transfer  ``PUT /v1/calls/{uuid}`` transfer to ``[connect]`` (phone or sip
           endpoint; caller id: the command's, else the account's
-          ``from_number``, else ``randomFromNumber``: a connect's ``from`` must
+          ``caller_number``, else ``randomFromNumber``: a connect's ``from`` must
           be one of our Vonage numbers, so the call's own caller id cannot be
           kept).
 enqueue   transfer to ``[conversation]`` named after the queue, with

@@ -81,9 +81,9 @@ class VonageVoiceAccount(BaseModel):
     private_key: Secret | None = None
     #: Caller id (E.164, one of the application's numbers) of placed calls that
     #: name none and of transfers; None lets Vonage pick one (random_from_number).
-    from_number: str | None = None
+    caller_number: str | None = None
 
-    @field_validator("from_number")
+    @field_validator("caller_number")
     @classmethod
     def _e164(cls, value: str | None) -> str | None:
         if value is None:
@@ -124,7 +124,8 @@ MANIFEST = ConnectorManifest(
     outbound_content=[],
     # Voicemails, as message.received with the audio attached.
     inbound_content=["media"],
-    event_types=list(mapping.EVENT_TYPES),
+    # Plus call.command: the outcome the runtime publishes for each call command.
+    event_types=[*mapping.EVENT_TYPES, "call.command"],
     limits=ConnectorLimits(max_recipients=1),
     idempotent_send=False,
     call_actions=["place", "transfer", "enqueue", "speak", "hang_up"],
@@ -232,7 +233,7 @@ class VonageVoiceConnector:
     def _caller_id(self, key: str, requested: str) -> str | None:
         if requested:
             return commands.e164_digits(requested, code="invalid_from", what="caller id")
-        number = self._settings.accounts[key].from_number
+        number = self._settings.accounts[key].caller_number
         return number.removeprefix("+") if number else None
 
     @staticmethod
@@ -331,7 +332,7 @@ class VonageVoiceConnector:
                     flow,
                     step,
                     self._urls(key, call_id),
-                    from_number=self._settings.accounts[key].from_number,
+                    from_number=self._settings.accounts[key].caller_number,
                 )
             except BadRequestError as exc:
                 raise PermanentError(str(exc), code="unknown_step") from exc

@@ -140,7 +140,7 @@ def section(fake: FakeVonage, key_file: Path, **overrides: Any) -> dict[str, Any
         "application_id": APPLICATION_ID,
         "signature_secret": {"env": SECRET_ENV},
         "private_key": {"file": str(key_file)},
-        "from_number": OUR_NUMBER,
+        "caller_number": OUR_NUMBER,
     }
     return {
         "accounts": {"main": account},
