@@ -512,6 +512,8 @@ class VonageVoiceConnector:
         if bool(flow) != bool(step):
             raise BadRequestError("flow and step query parameters go together")
         flow_step = f"{flow}/{step}" if flow else ""
+        if request.query.get("out") == "1":
+            body = {**body, "direction": "outbound"}
         now = self._ctx.now()
         event = mapping.recording_event(
             body, account=key, flow_step=flow_step, raw=raw, received_at=now, call_id=call_id
@@ -579,7 +581,8 @@ class _Urls:
 
     Vonage's record and input webhooks name neither the leg nor the parties,
     so the URLs carry what the routes need: the leg uuid; ``out=1`` on a call
-    we placed (its input webhooks' ``to`` is the remote party); the caller and
+    we placed (its input webhooks' ``to`` is the remote party, and its events
+    are outbound); the caller and
     our number on record eventUrls (a voicemail's sender and recipient).
     """
 
@@ -597,7 +600,7 @@ class _Urls:
 
     def __call__(self, kind: Callback, flow: str, step: str) -> str:
         query = {"flow": flow, "step": step, "call": self._call}
-        if kind is Callback.GATHER and self._outbound:
+        if kind in (Callback.GATHER, Callback.RECORDING) and self._outbound:
             query["out"] = "1"
         if kind is Callback.RECORDING and self._parties is not None:
             query |= {"caller": self._parties.caller, "called": self._parties.called}
@@ -605,7 +608,7 @@ class _Urls:
 
     def recording(self) -> str:
         """The recording route of the whole call's recording (no flow step)."""
+        query = {"call": self._call, **({"out": "1"} if self._outbound else {})}
         return _with_query(
-            self._ctx.webhook_url(Callback.RECORDING.value, account=self._account),
-            {"call": self._call},
+            self._ctx.webhook_url(Callback.RECORDING.value, account=self._account), query
         )

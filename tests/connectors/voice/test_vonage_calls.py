@@ -380,11 +380,15 @@ async def test_place_with_record_records_the_whole_call(calls: CallHarness) -> N
     assert [a["action"] for a in ncco] == ["record", "talk"]
     # No end condition: the recording runs on under the talk until the call ends.
     assert not {"endOnSilence", "endOnKey", "timeOut"} & set(ncco[0])
-    assert parse_qs(urlsplit(ncco[0]["eventUrl"][0]).query) == {"call": [result.call_id]}
+    assert parse_qs(urlsplit(ncco[0]["eventUrl"][0]).query) == {
+        "call": [result.call_id],
+        "out": ["1"],
+    }
     assert await calls.fake.play_recording(result.call_id) == 204
     event, key = (await calls.drain())[0]
     assert key == "call.recording.voice.vonage"
     assert event.call.call_id == result.call_id
+    assert event.call.direction == Direction.DIRECTION_OUTBOUND
     assert event.call.recording.content_type == "audio/mpeg"
     assert event.call.flow_step == ""
 

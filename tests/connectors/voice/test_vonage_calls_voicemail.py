@@ -168,9 +168,13 @@ async def test_voicemail_on_a_placed_call_is_from_the_callee(calls: CallHarness)
     assert key == "call.input.voice.vonage"
     assert event.call.direction == Direction.DIRECTION_OUTBOUND
     payload = record_payload(result.call_id)
-    status, _ = await signed(calls, "POST", record_url(ncco), payload)
+    url = record_url(ncco)
+    assert parse_qs(urlsplit(url).query)["out"] == ["1"]
+    status, _ = await signed(calls, "POST", url, payload)
     assert status == 204
     events = {key: event for event, key in await calls.drain()}
+    recording = events["call.recording.voice.vonage"].call
+    assert recording.direction == Direction.DIRECTION_OUTBOUND
     check_voicemail(
         events["message.received.voice.vonage"],
         leg=result.call_id,
