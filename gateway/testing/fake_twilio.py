@@ -131,6 +131,12 @@ class FakeTwilio(FakeProviderServer):
         self.call_requests: list[RecordedCallRequest] = []
         #: Calls placed through the fake, by sid.
         self.placed: dict[str, FakeCall] = {}
+        self._stopping = False
+
+    async def stop(self) -> None:
+        """Stop; a request still in flight (a scripted hang) sends no callback after this."""
+        self._stopping = True
+        await super().stop()
 
     # -- scripting ---------------------------------------------------------------
 
@@ -386,6 +392,9 @@ class FakeTwilio(FakeProviderServer):
     async def _signed_post(self, url: str, params: dict[str, str]) -> tuple[int, str]:
         """POST a signed voice request; (HTTP status, body), status 0 when the
         webhook cannot be reached (Twilio logs that and carries on)."""
+        if self._stopping:
+            # The callback session is closed (or would be opened and never closed again).
+            return 0, ""
         signature = compute_signature(self.auth_token, url, {k: [v] for k, v in params.items()})
         try:
             async with self.session.post(

@@ -24,10 +24,13 @@ from urllib.parse import parse_qs, urlsplit
 import aiohttp
 import pytest
 import yaml
+from aiohttp import web
 from pydantic import SecretStr
+from twilio.request_validator import RequestValidator  # type: ignore[import-untyped]
 from twilio.twiml.voice_response import Dial, VoiceResponse  # type: ignore[import-untyped]
 
 from connectors.voice.twilio import MANIFEST, TwilioVoiceConnector, TwilioVoiceSettings
+from connectors.voice.twilio.connector import STATUS_EVENTS
 from gateway.api.v1.call_pb2 import (
     CallCommand,
     CallCommandOutcome,
@@ -529,6 +532,57 @@ async def test_fake_refuses_a_create_without_the_documented_parameters(fake: Fak
         async with session.post(url, data={**base, "StatusCallbackEvent": "picked-up"}) as resp:
             assert resp.status == 400
     assert fake.placed == {}
+
+
+async def test_fake_call_progress_is_signed_as_twilios_sdk_validates(fake: FakeTwilio) -> None:
+    """The fake's callbacks pass Twilio's own RequestValidator (independent of our signer)."""
+    received: list[tuple[str, dict[str, str], str]] = []
+
+    async def capture(request: web.Request) -> web.Response:
+        form = {k: str(v) for k, v in (await request.post()).items()}
+        received.append((str(request.url), form, request.headers["X-Twilio-Signature"]))
+        return web.Response(status=204)
+
+    app = web.Application()
+    app.router.add_post("/status", capture)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = next(a[1] for a in runner.addresses if isinstance(a, tuple))
+    fake.call_progress = ("initiated", "ringing", "answered", "completed")
+    try:
+        form = [
+            ("To", CALLEE),
+            ("From", OUR_NUMBER),
+            ("Twiml", "<Response><Hangup/></Response>"),
+            ("StatusCallback", f"http://127.0.0.1:{port}/status?traceparent=x"),
+            *(("StatusCallbackEvent", event) for event in STATUS_EVENTS),
+        ]
+        async with aiohttp.ClientSession() as session:
+            url = f"{fake.url}/2010-04-01/Accounts/{ACCOUNT_SID}/Calls.json"
+            async with session.post(url, data=form) as resp:
+                assert resp.status == 201
+                sid = (await resp.json())["sid"]
+        for _ in range(200):
+            if len(received) == 4:
+                break
+            await asyncio.sleep(0.01)
+    finally:
+        await runner.cleanup()
+    assert [form["CallStatus"] for _, form, _ in received] == [
+        "initiated",
+        "ringing",
+        "in-progress",
+        "completed",
+    ]
+    validator = RequestValidator(TOKEN)
+    for url, params, signature in received:
+        assert params["CallSid"] == sid
+        assert params["Direction"] == "outbound-api"
+        assert validator.validate(url, params, signature)
+        assert not validator.validate(url, {**params, "CallStatus": "busy"}, signature)
+    assert received[-1][1]["CallDuration"].isdigit()
 
 
 # -- end to end: a placed call's lifecycle comes back as CallEvents ---------------------------
