@@ -11,9 +11,13 @@
    standard quorum topology, dedup, tracing, metrics) in one process.
 4. ``service x2``: the same with ``--workers 2`` (SO_REUSEPORT).
 
-Each server runs in its own subprocess; the load generator runs here. Each
-system gets a closed-loop saturation phase and then an open-loop phase at
-half of the throughput it saturated at (for latency under normal load).
+Each server runs in its own subprocess; the load generator runs here. The
+bare bound and ``service x1`` run side by side and get ``--rounds`` closed-loop
+saturation phases in alternating order (bare, service, service, bare, ...):
+the share is the median of the per-round shares, so a drift of the machine's
+speed between minutes does not decide it. Then each system gets an open-loop
+phase at half of the throughput it saturated at (for latency under normal
+load); ``service x2`` gets one saturation phase and one half-rate phase.
 Every request is a distinct signed Twilio inbound-SMS webhook (unique
 ``MessageSid``), signed before the phase. After each phase the queue the
 events land on is counted: what the server accepted must be exactly what
@@ -121,6 +125,54 @@ class Settings:
     dedup: str
     broker_url: str
     output: Path
+    rounds: int = 3
+
+
+async def _saturation(
+    server: Server,
+    port: int,
+    webhooks: Webhooks,
+    tag: int,
+    cfg: Settings,
+    count: Callable[[], Awaitable[int]],
+    expected_rate: float,
+) -> tuple[PhaseResult, dict[str, object]]:
+    """A closed-loop saturation phase on a running server, checked against the queue."""
+    budget = int(expected_rate * (cfg.warmup + cfg.duration) * 1.3) + cfg.concurrency
+    source = RequestSource(webhooks.factory(port, tag), budget)
+    cpu = server.cpu_seconds()
+    saturated = await closed_loop(
+        port, source, concurrency=cfg.concurrency, duration=cfg.duration, warmup=cfg.warmup
+    )
+    cpu = server.cpu_seconds() - cpu
+    return saturated, _with_check(saturated, await count(), source.made_late, cpu)
+
+
+async def _half_rate(
+    server: Server,
+    port: int,
+    webhooks: Webhooks,
+    tag: int,
+    cfg: Settings,
+    count: Callable[[], Awaitable[int]],
+    saturation_rate: float,
+) -> tuple[PhaseResult, dict[str, object]]:
+    """An open-loop phase at half the saturation rate (latency under normal load)."""
+    half = saturation_rate / 2
+    source = RequestSource(
+        webhooks.factory(port, tag), int(half * (cfg.warmup + cfg.duration)) + 16
+    )
+    cpu = server.cpu_seconds()
+    paced = await open_loop(
+        port,
+        source,
+        rate=half,
+        duration=cfg.duration,
+        warmup=cfg.warmup,
+        connections=cfg.connections,
+    )
+    cpu = server.cpu_seconds() - cpu
+    return paced, _with_check(paced, await count(), source.made_late, cpu)
 
 
 async def _phase_pair(
@@ -134,32 +186,12 @@ async def _phase_pair(
     expected_rate: float,
 ) -> dict[str, object]:
     """Saturation then half-rate on one running server; each checked against the queue."""
-    out: dict[str, object] = {"label": label}
-    budget = int(expected_rate * (cfg.warmup + cfg.duration) * 1.3) + cfg.concurrency
-    source = RequestSource(webhooks.factory(port, tag), budget)
-    cpu = server.cpu_seconds()
-    saturated = await closed_loop(
-        port, source, concurrency=cfg.concurrency, duration=cfg.duration, warmup=cfg.warmup
+    saturated, sat = await _saturation(server, port, webhooks, tag, cfg, count, expected_rate)
+    paced, half = await _half_rate(
+        server, port, webhooks, tag + 1, cfg, count, saturated.throughput
     )
-    cpu = server.cpu_seconds() - cpu
-    out["saturation"] = _with_check(saturated, await count(), source.made_late, cpu)
-    half = saturated.throughput / 2
-    source = RequestSource(
-        webhooks.factory(port, tag + 1), int(half * (cfg.warmup + cfg.duration)) + 16
-    )
-    cpu = server.cpu_seconds()
-    paced = await open_loop(
-        port,
-        source,
-        rate=half,
-        duration=cfg.duration,
-        warmup=cfg.warmup,
-        connections=cfg.connections,
-    )
-    cpu = server.cpu_seconds() - cpu
-    out["half_rate"] = _with_check(paced, await count(), source.made_late, cpu)
-    _print_row(label, saturated, paced, float(out["saturation"]["server_cpu_ms_per_request"]))  # type: ignore[index]
-    return out
+    _print_row(label, saturated, paced, float(sat["server_cpu_ms_per_request"]))  # type: ignore[arg-type]
+    return {"label": label, "saturation": sat, "half_rate": half}
 
 
 def _with_check(
@@ -215,6 +247,7 @@ async def run(cfg: Settings) -> dict[str, object]:
             "warmup_s": cfg.warmup,
             "concurrency": cfg.concurrency,
             "open_loop_connections": cfg.connections,
+            "saturation_rounds": cfg.rounds,
             "dedup": cfg.dedup,
             "broker": "RabbitMQ at " + (urlsplit(cfg.broker_url).hostname or "?"),
         },
@@ -256,50 +289,61 @@ async def run(cfg: Settings) -> dict[str, object]:
             flush=True,
         )
 
-        # 2. The bare bound.
-        port = free_port()
-        bare = Server(
-            "bare",
-            [
-                *(py, "-m", "benchmarks.bare", "--port", str(port), "--amqp", broker.url),
-                *("--exchange", bare_name, "--token-env", TOKEN_ENV),
-            ],
-            env=env,
-            ready=1,
-        )
-        async with running(bare):
-            bare_result = await _phase_pair(
-                "bare bound",
-                bare,
-                port,
-                webhooks,
-                0x10,
-                cfg,
-                lambda: broker.count_and_purge(bare_name),
-                expected_rate=6000,
-            )
-        systems.append(bare_result)
-        bare_rate = float(bare_result["saturation"]["requests_per_s"])  # type: ignore[index]
-
-        # 3. The SMS service, one process then more.
+        # 2. The bare bound and one service process, both running, measured in
+        # alternating saturation rounds (bare, service, service, bare, ...): this
+        # VM's speed drifts by a third from one minute to the next, and a share
+        # taken from phases minutes apart would measure that drift too.
         with tempfile.TemporaryDirectory(prefix="bench-sms-") as tmp:
-            for i, workers in enumerate(cfg.workers):
+            bare_port = free_port()
+            bare = Server(
+                "bare",
+                [
+                    *(py, "-m", "benchmarks.bare", "--port", str(bare_port)),
+                    *("--amqp", broker.url, "--exchange", bare_name, "--token-env", TOKEN_ENV),
+                ],
+                env=env,
+                ready=1,
+            )
+
+            def service_server(workers: int) -> tuple[Server, int]:
                 port = free_port()
                 config = Path(tmp) / f"config-{workers}.json"
                 config.write_text(json.dumps(_service_config(port, broker.url, cfg, webhooks)))
                 argv = [py, "-m", "gateway.cli", "--config", str(config), "run", "sms.twilio"]
                 if workers > 1:
                     argv += ["--workers", str(workers)]
-                service = Server(f"service x{workers}", argv, env=env, ready=workers)
-                async with running(service):
+                return Server(f"service x{workers}", argv, env=env, ready=workers), port
+
+            service, service_port = service_server(1)
+
+            def count_bare() -> Awaitable[int]:
+                return broker.count_and_purge(bare_name)
+
+            def count_events() -> Awaitable[int]:
+                return broker.count_and_purge(events_queue)
+
+            async with running(bare), running(service):
+                pair = await _interleaved(
+                    cfg,
+                    webhooks,
+                    (bare, bare_port, count_bare),
+                    (service, service_port, count_events),
+                )
+            systems += pair
+            bare_rate = float(pair[0]["saturation"]["requests_per_s"])  # type: ignore[index]
+
+            # 3. More service processes (SO_REUSEPORT), each on its own.
+            for i, workers in enumerate(w for w in cfg.workers if w > 1):
+                many, port = service_server(workers)
+                async with running(many):
                     result = await _phase_pair(
                         f"service x{workers}",
-                        service,
+                        many,
                         port,
                         webhooks,
                         0x20 + 2 * i,
                         cfg,
-                        lambda: broker.count_and_purge(events_queue),
+                        count_events,
                         expected_rate=bare_rate * workers,
                     )
                 result["workers"] = workers
@@ -311,6 +355,64 @@ async def run(cfg: Settings) -> dict[str, object]:
     report["verdict"] = _verdict(systems)
     report["finished_at"] = datetime.now(UTC).isoformat(timespec="seconds")
     return report
+
+
+Target = tuple[Server, int, Callable[[], Awaitable[int]]]
+
+
+async def _interleaved(
+    cfg: Settings, webhooks: Webhooks, bare: Target, service: Target
+) -> list[dict[str, object]]:
+    """Saturation rounds alternating bare and service, then each at half rate.
+
+    Each round's share compares two phases seconds apart; the round with the
+    median share stands for both systems (all rounds are kept in the report).
+    """
+    rounds: list[dict[str, object]] = []
+    results: list[dict[str, tuple[PhaseResult, dict[str, object]]]] = []
+    for r in range(cfg.rounds):
+        # ABBA order: a drift within a round favours neither system.
+        order = [("bare", bare), ("service", service)]
+        if r % 2:
+            order.reverse()
+        got: dict[str, tuple[PhaseResult, dict[str, object]]] = {}
+        for name, (server, port, count) in order:
+            tag = 0x40 + 2 * r + (name == "service")
+            got[name] = await _saturation(server, port, webhooks, tag, cfg, count, 6000)
+        share = got["service"][0].throughput / max(got["bare"][0].throughput, 1e-9)
+        results.append(got)
+        rounds.append(
+            {
+                "round": r + 1,
+                "order": [name for name, _ in order],
+                "bare_requests_per_s": got["bare"][1]["requests_per_s"],
+                "service_requests_per_s": got["service"][1]["requests_per_s"],
+                "bare_cpu_ms_per_request": got["bare"][1]["server_cpu_ms_per_request"],
+                "service_cpu_ms_per_request": got["service"][1]["server_cpu_ms_per_request"],
+                "share": round(share, 3),
+            }
+        )
+        print(
+            f"  round {r + 1}: bare {got['bare'][0].throughput:.0f} req/s, service "
+            f"{got['service'][0].throughput:.0f} req/s, share {share:.3f}",
+            flush=True,
+        )
+    median = sorted(range(len(rounds)), key=lambda i: float(rounds[i]["share"]))[  # type: ignore[arg-type]
+        len(rounds) // 2
+    ]
+    systems: list[dict[str, object]] = []
+    for i, (name, (server, port, count)) in enumerate((("bare", bare), ("service", service))):
+        saturated, sat = results[median][name]
+        paced, half = await _half_rate(
+            server, port, webhooks, 0x60 + i, cfg, count, saturated.throughput
+        )
+        label = "bare bound" if name == "bare" else "service x1"
+        _print_row(label, saturated, paced, float(sat["server_cpu_ms_per_request"]))  # type: ignore[arg-type]
+        system: dict[str, object] = {"label": label, "saturation": sat, "half_rate": half}
+        if name == "service":
+            system.update(workers=1, dedup=cfg.dedup, rounds=rounds, median_round=median + 1)
+        systems.append(system)
+    return systems
 
 
 def _service_config(port: int, url: str, cfg: Settings, webhooks: Webhooks) -> dict[str, object]:
@@ -350,6 +452,7 @@ def _verdict(systems: list[dict[str, object]]) -> dict[str, object]:
     share = float(one_sat["requests_per_s"]) / max(float(bare_sat["requests_per_s"]), 1e-9)
     verdict: dict[str, object] = {
         "service_share_of_bare": round(share, 3),
+        "share_by_round": [r["share"] for r in one.get("rounds", [])],  # type: ignore[attr-defined]
         "throughput_target_met": share >= TARGET_SHARE,
         "service_p99_ms_at_half_rate": one_half["p99_ms"],
         "p99_target_met": float(one_half["p99_ms"]) < TARGET_P99_MS,
@@ -386,6 +489,12 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--broker-url", default="amqp://guest:guest@127.0.0.1:5672/")
     parser.add_argument("--output", type=Path, default=RESULTS)
+    parser.add_argument(
+        "--rounds",
+        type=int,
+        default=3,
+        help="alternating bare/service saturation rounds; the median share is reported",
+    )
     args = parser.parse_args(argv)
     if not is_local(args.broker_url):
         parser.error("the benchmark only talks to a local broker (127.0.0.1)")
@@ -397,6 +506,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--workers needs at least one count >= 1")
     if args.duration <= 0 or args.warmup < 0 or args.concurrency < 1 or args.connections < 1:
         parser.error("--duration, --concurrency and --connections must be positive")
+    if args.rounds < 1:
+        parser.error("--rounds must be at least 1")
     cfg = Settings(
         duration=args.duration,
         warmup=args.warmup,
@@ -406,6 +517,7 @@ def main(argv: list[str] | None = None) -> int:
         dedup=args.dedup,
         broker_url=args.broker_url,
         output=args.output,
+        rounds=args.rounds,
     )
     started = time.monotonic()
     report = asyncio.run(run(cfg))
