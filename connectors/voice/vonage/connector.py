@@ -1,8 +1,10 @@
-"""Vonage Voice API connector: calls answered with NCCO from a call flow, call events.
+"""Vonage Voice API connector: calls answered with NCCO from a call flow, call events,
+calls placed and controlled by call commands.
 
-Provider API: Voice API v1 webhooks and NCCO.
-Docs: https://developer.vonage.com/en/voice/voice-api/webhook-reference and
-https://developer.vonage.com/en/voice/voice-api/ncco-reference
+Provider API: Voice API v1 (calls, webhooks and NCCO).
+Docs: https://developer.vonage.com/en/voice/voice-api/webhook-reference,
+https://developer.vonage.com/en/voice/voice-api/ncco-reference and
+https://developer.vonage.com/en/api/voice
 
 Routes (under ``/webhooks/voice/vonage``), one set per configured account
 (a Vonage application); every request carries ``Authorization: Bearer <JWT>``
@@ -10,17 +12,26 @@ signed (HS256) with the account's signature secret, checked with the SMS
 connector's verifier (``iat`` window, ``payload_hash`` of the body):
 
 - ``/{account}/answer`` (GET or POST): the application's answer_url. Answered
-  with the NCCO of the called number's flow; publishes ``call.answered``.
+  with the NCCO of the called number's flow; publishes ``call.answered``. A
+  call we placed names its script in the query (``placed=1`` and ``flow=``, or
+  ``say=``/``play=``, and ``record=1``): see :mod:`.commands`.
 - ``/{account}/event``: the application's event_url -> ``call.<state>``
   (statuses without a canonical state -> ``call.progress``).
 - ``/{account}/gather?flow=&step=``: an input action's eventUrl. Publishes
   ``call.input`` and answers the NCCO of the step the menu routes to.
-- ``/{account}/recording?flow=&step=&call=``: a record action's eventUrl.
+- ``/{account}/recording?flow=&step=&call=&caller=&called=``: a record
+  action's eventUrl -> ``call.recording``; a flow's record step is a
+  voicemail, also published as ``message.received`` with the audio attached.
+  Without flow and step: the whole-call recording of a placed call.
 - ``/{account}/transcription?flow=&step=&call=``: a transcription eventUrl
   (Vonage sends a transcription URL, kept as an attribute; the text is not fetched).
 
 Answer routes answer even while the broker is down (see
 :mod:`connectors.voice.answering`); the others answer 2xx once confirmed.
+
+Call commands (:meth:`VonageVoiceConnector.call`, the ``CallControl``
+protocol) go through :class:`~connectors.voice.vonage.client.VonageVoiceClient`
+with the account's application key; :mod:`.commands` maps each action.
 """
 
 from __future__ import annotations
