@@ -330,7 +330,8 @@ class Service:
         """Named readiness checks for ``/readyz``.
 
         While the spool accepts, the broker is not required: webhooks of the
-        spooling connectors are taken safely (others answer 503 as before).
+        spooling connectors are taken safely (others answer 503 as before);
+        while the broker is up, a full spool does not matter.
         """
         checks = {"broker": self.bus.is_ready()}
         if isinstance(self.store, RedisIdempotencyStore):
@@ -339,9 +340,11 @@ class Service:
             return Readiness(checks=checks)
         checks["spool"] = self.spool.accepting
         stats = self.spool.stats
+        # Either path to a 2xx is enough: the broker, or (while it is down) the spool.
+        optional = frozenset({"spool"}) if checks["broker"] else frozenset({"broker"})
         return Readiness(
             checks=checks,
-            optional=frozenset({"broker"}) if checks["spool"] else frozenset(),
+            optional=optional,
             details={
                 "spool": {
                     "depth": stats.events,

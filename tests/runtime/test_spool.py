@@ -6,6 +6,7 @@ import asyncio
 import os
 import signal
 import sqlite3
+import subprocess
 import sys
 import textwrap
 from datetime import UTC, datetime
@@ -150,6 +151,9 @@ async def test_rows_survive_reopening(tmp_path: Path) -> None:
     spool = await _open(path)
     await spool.put("sms.twilio", EVENTS_EXCHANGE, "rk", _message(1))
     await spool.close()
+    with sqlite3.connect(path) as db:
+        # Persistent in the file: every connection, every process, writes through the WAL.
+        assert db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
     reopened = Spool(path, max_events=10, max_bytes=10**6)
     left = await reopened.open()
     try:
@@ -255,27 +259,38 @@ _WRITER = textwrap.dedent(
 )
 
 
-async def test_acknowledged_rows_survive_kill_9_mid_write(tmp_path: Path) -> None:
-    path = tmp_path / "s.sqlite"
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-c", _WRITER, str(path), stdout=asyncio.subprocess.PIPE, cwd=ROOT
+def _write_then_kill_9(path: Path, acks: int) -> tuple[list[str], int]:
+    """Run the writer until it acknowledged ``acks`` rows, SIGKILL it mid-write;
+    returns every id it acknowledged and its exit status."""
+    proc = subprocess.Popen(
+        [sys.executable, "-c", _WRITER, str(path)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        cwd=ROOT,
+        text=True,
     )
     assert proc.stdout is not None
     acknowledged: list[str] = []
     try:
-        while len(acknowledged) < 300:
-            line = await asyncio.wait_for(proc.stdout.readline(), 30)
-            assert line, "the writer exited early"
-            acknowledged.append(line.decode().strip())
+        while len(acknowledged) < acks:
+            line = proc.stdout.readline()
+            assert line, f"the writer exited early: {proc.communicate(timeout=10)[1]}"
+            acknowledged.append(line.strip())
         proc.send_signal(signal.SIGKILL)  # while it keeps writing
         # Acks printed before the kill landed count too.
-        rest = await asyncio.wait_for(proc.stdout.read(), 30)
-        acknowledged.extend(x for x in rest.decode().split() if x)
+        rest, _ = proc.communicate(timeout=30)
+        acknowledged.extend(rest.split())
     finally:
-        if proc.returncode is None:
+        if proc.poll() is None:
             proc.kill()
-        await proc.wait()
-    assert proc.returncode == -signal.SIGKILL
+            proc.communicate(timeout=30)
+    return acknowledged, proc.returncode
+
+
+async def test_acknowledged_rows_survive_kill_9_mid_write(tmp_path: Path) -> None:
+    path = tmp_path / "s.sqlite"
+    acknowledged, status = await asyncio.to_thread(_write_then_kill_9, path, 300)
+    assert status == -signal.SIGKILL
     spool = Spool(path, max_events=10**6, max_bytes=10**9)
     left = await spool.open()
     try:

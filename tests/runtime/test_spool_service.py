@@ -259,6 +259,28 @@ async def test_a_full_spool_makes_the_webhook_503_and_not_ready(
         await svc.stop()
 
 
+async def test_a_full_spool_with_the_broker_up_stays_ready(
+    tmp_path: Path, http: aiohttp.ClientSession
+) -> None:
+    bus = InMemoryBus()
+    svc = h.service(_settings(tmp_path, max_events=1), bus=bus)
+    await svc.start()
+    try:
+        assert svc.spool is not None
+        # A row the broker keeps refusing (no queue bound) fills the spool.
+        stuck = encode_event(_event(1))
+        await svc.spool.put("sms.twilio", EVENTS_EXCHANGE, "nobody.binds.this", stuck)
+        assert not svc.spool.accepting
+        status, text = await _get(http, svc, "/readyz")
+        assert status == 200
+        assert '"status": "degraded"' in text
+        # The broker takes new webhooks directly.
+        assert (await h.post_signed(http, h.inbound_url(svc), h.inbound_form()))[0] == 200
+        assert bus.queue_depth(SUBSCRIPTION) == 1
+    finally:
+        await svc.stop()
+
+
 async def test_dedup_store_failure_is_503_and_not_spooled(
     tmp_path: Path, http: aiohttp.ClientSession
 ) -> None:
