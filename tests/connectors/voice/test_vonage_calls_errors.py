@@ -12,8 +12,11 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import pytest
+from vonage_voice.models import CreateCallRequest, Talk  # type: ignore[import-untyped]
 
+from connectors.sms.vonage.client import ApplicationJwt
 from gateway.api.v1.call_pb2 import (
     EnqueueCall,
     HangUpCall,
@@ -271,3 +274,51 @@ async def test_account_without_private_key_cannot_control_calls(
             assert raised.value.code == "unknown_account"
         finally:
             await harness.service.stop()
+
+
+async def test_fake_voice_api_holds_to_the_documented_bodies(key: RsaKey) -> None:
+    """The fake accepts what Vonage's SDK serialises and refuses undocumented bodies,
+    so the connector's requests passing it means something."""
+    sdk_body = CreateCallRequest(
+        to=[{"type": "phone", "number": "447700900123"}],
+        from_={"type": "phone", "number": "14155550100"},
+        ncco=[Talk(text="Hello.")],
+        event_url=["https://hooks.example.com/event"],
+    ).model_dump(by_alias=True, exclude_none=True, mode="json")
+    wrong = [
+        {},
+        {**sdk_body, "answer_url": ["https://hooks.example.com/answer"]},
+        {**sdk_body, "random_from_number": True},
+        {**sdk_body, "to": [{"type": "phone", "number": "+447700900123"}]},
+        {**sdk_body, "ringing_timer": 121},
+        {**sdk_body, "callback": "https://hooks.example.com/x"},
+    ]
+    async with new_fake(key) as fake, aiohttp.ClientSession() as http:
+        token = ApplicationJwt(APPLICATION_ID, key.private).token()
+        headers = {"Authorization": f"Bearer {token}"}
+
+        async def post(path: str, body: Any, method: str = "POST") -> tuple[int, Any]:
+            async with http.request(method, fake.url + path, json=body, headers=headers) as resp:
+                return resp.status, await resp.json(content_type=None)
+
+        status, created = await post("/v1/calls", sdk_body)
+        assert status == 201
+        assert set(created) == {"uuid", "status", "direction", "conversation_uuid"}
+        for body in wrong:
+            status, problem = await post("/v1/calls", body)
+            assert status == 400, body
+            assert problem["title"] == "Bad Request"
+            assert problem["invalid_parameters"], body
+        call = f"/v1/calls/{created['uuid']}"
+        for body in (
+            {"action": "explode"},
+            {"action": "transfer", "destination": {"type": "ncco", "ncco": [{"action": "x"}]}},
+            {"action": "hangup", "extra": 1},
+        ):
+            status, _ = await post(call, body, method="PUT")
+            assert status == 400, body
+        status, _ = await post("/v1/calls/unknown", {"action": "hangup"}, method="PUT")
+        assert status == 404
+        headers["Authorization"] = "Bearer " + token[:-6] + "AAAAAA"
+        status, _ = await post("/v1/calls", sdk_body)
+        assert status == 401
