@@ -271,12 +271,23 @@ class Spool:
             batch, self._pending = self._pending, []
             try:
                 seqs, stats = await self._call(self._insert, [row for row, _ in batch])
-            except SpoolError as exc:
-                self._failing = str(exc)
+            except Exception as exc:  # noqa: BLE001 - handed to every waiting put
+                error = (
+                    exc
+                    if isinstance(exc, SpoolError)
+                    else SpoolError(f"spool {self.path}: {exc!r}")
+                )
+                self._failing = str(error)
                 for _, future in batch:
                     if not future.done():
-                        future.set_exception(exc)
+                        future.set_exception(error)
                 continue
+            except BaseException:
+                # Cancelled (loop shutting down): no put may wait forever.
+                for _, future in [*batch, *self._pending]:
+                    future.cancel()
+                self._pending = []
+                raise
             self._failing = None
             self._stats = stats
             self._publish_stats()

@@ -12,8 +12,12 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import secrets
+import signal
 import sqlite3
+import subprocess
+import sys
 import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -23,12 +27,19 @@ from urllib.parse import urlencode
 import aio_pika
 import aiohttp
 import pytest
+import yaml
 
 from gateway.runtime.bus import Delivery
 from gateway.runtime.codec import decode_event
-from gateway.runtime.config import RuntimeSettings, SpoolSettings, SubscriptionSettings
+from gateway.runtime.config import (
+    HttpSettings,
+    RuntimeSettings,
+    SpoolSettings,
+    SubscriptionSettings,
+    load_config,
+)
 from gateway.runtime.service import Service
-from gateway.testing.rabbitmq_node import RabbitMQNode
+from gateway.testing.rabbitmq_node import RabbitMQNode, free_port
 from tests.connectors.sms.twilio.support import sign
 from tests.connectors.voice.conftest import TOKEN_ENV, call_params, call_sid, make_settings
 from tests.runtime import service_helpers as h
@@ -273,3 +284,88 @@ async def test_twilio_voice_callbacks_in_an_outage_are_not_lost(
     finally:
         async with asyncio.timeout(20):
             await svc.stop()
+
+
+def _start_cli_service(config: Path) -> subprocess.Popen[str]:
+    """`channel-gateway run sms` as its own process (so it can be killed -9)."""
+    return subprocess.Popen(
+        [sys.executable, "-m", "gateway.cli", "--config", str(config), "run", "sms"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, **h.ENVIRON},
+        cwd=Path(__file__).resolve().parents[2],
+    )
+
+
+def _kill_9(proc: subprocess.Popen[str]) -> tuple[int, str]:
+    proc.send_signal(signal.SIGKILL)
+    _, stderr = proc.communicate(timeout=30)
+    return proc.returncode, stderr
+
+
+async def test_a_service_killed_9_during_an_outage_loses_no_accepted_webhook(
+    node: RabbitMQNode, http: aiohttp.ClientSession, tmp_path: Path
+) -> None:
+    port = free_port()
+    config = tmp_path / "config.yaml"
+    config.write_text(
+        yaml.safe_dump(
+            {
+                "http": {"host": "127.0.0.1", "port": port},
+                "broker": {"url": node.url + "?reconnect_interval=0.5"},
+                "spool": {"enabled": True, "state_dir": str(tmp_path / "spool")},
+                "subscriptions": [{"queue": SMS_QUEUE, "bindings": ["message.received.#"]}],
+                "connectors": {
+                    "sms.twilio": h.settings().connectors["sms.twilio"],
+                },
+            }
+        )
+    )
+    await _take_all(node, SMS_QUEUE)
+    proc = await asyncio.to_thread(_start_cli_service, config)
+    url = f"http://127.0.0.1:{port}/webhooks/sms/twilio/main/inbound"
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            assert proc.poll() is None, "the service exited"
+            assert time.monotonic() < deadline, "the service did not become ready"
+            try:
+                async with http.get(f"http://127.0.0.1:{port}/readyz") as resp:
+                    if resp.status == 200:
+                        break
+            except aiohttp.ClientConnectionError:
+                pass
+            await asyncio.sleep(0.2)
+        await asyncio.to_thread(node.stop_app)
+        try:
+            forms = [h.inbound_form() for _ in range(10)]
+            for form in forms:
+                assert (await h.post_signed(http, url, form))[0] == 200
+            # No graceful anything: the process dies with the events on its disk only.
+            status, stderr = await asyncio.to_thread(_kill_9, proc)
+            assert status == -signal.SIGKILL, stderr
+        finally:
+            await asyncio.to_thread(node.start_app)
+    finally:
+        if proc.poll() is None:
+            await asyncio.to_thread(_kill_9, proc)
+    assert len(_spooled_rows(tmp_path / "spool" / "sms.sqlite")) == 10
+
+    restarted = Service(
+        load_config(config).model_copy(update={"http": HttpSettings(host="127.0.0.1", port=0)}),
+        ["sms.twilio"],
+        environ=h.ENVIRON,
+    )
+    await restarted.start()
+    try:
+        await _until(
+            lambda: restarted.spool is not None and restarted.spool.stats.events == 0, "drained"
+        )
+        delivered = await _take_all(node, SMS_QUEUE)
+        assert [_decode(m).message.provider_message_id for m in delivered] == [
+            f["MessageSid"] for f in forms
+        ]
+    finally:
+        async with asyncio.timeout(20):
+            await restarted.stop()
