@@ -17,6 +17,8 @@ progress, and on answer the call's ``Url`` is fetched (signed) like Twilio
 fetches TwiML. ``POST .../Calls/{sid}.json`` updates a call: 404 (20404) for a
 sid it never created, 400 (21220) once the call ended, ``Status=completed``
 hangs up (a ``completed`` callback follows), ``Twiml``/``Url`` are recorded.
+A call created with ``Record=true`` that was answered reports its recording to
+``RecordingStatusCallback`` once it ends.
 Every request is recorded in :attr:`FakeTwilio.call_requests`.
 
 Use it by pointing ``connectors.sms.twilio.api_base_url`` (or
@@ -89,6 +91,10 @@ class FakeCall:
     #: The TwiML documents the call ran: answers to its Url, then updates.
     documents: list[str] = field(default_factory=list)
     answered_at: datetime | None = None
+    #: ``Record=true``: where the whole-call recording is reported when the call ends.
+    recording_callback: str = ""
+    #: (RecordingSid, HTTP status of our webhook) of the recording status callback.
+    recordings: list[tuple[str, int]] = field(default_factory=list)
 
 
 def _twilio_error(code: int, message: str, status: int) -> web.Response:
@@ -301,6 +307,9 @@ class FakeTwilio(FakeProviderServer):
             status_callback=form.get("StatusCallback", ""),
             # Without StatusCallbackEvent, Twilio reports only the end of the call.
             events=events or frozenset({"completed"}),
+            recording_callback=form.get("RecordingStatusCallback", "")
+            if form.get("Record") == "true"
+            else "",
         )
         self.placed[call.sid] = call
         self.spawn(self._progress(call))
@@ -424,3 +433,23 @@ class FakeTwilio(FakeProviderServer):
             params["CallDuration"] = str(seconds)
         status, _ = await self._signed_post(call.status_callback, params)
         call.callbacks.append((params["CallStatus"], status))
+        if call.status in ENDED_CALL_STATUSES and call.answered_at and call.recording_callback:
+            await self._send_recording(call, int(params["CallDuration"]))
+
+    async def _send_recording(self, call: FakeCall, seconds: int) -> None:
+        # A recording status callback, as documented: no From/To/CallStatus.
+        recording_sid = f"RE{uuid.uuid4().hex}"
+        base = f"https://api.twilio.com/2010-04-01/Accounts/{call.account_sid}/Recordings"
+        params = {
+            "AccountSid": call.account_sid,
+            "CallSid": call.sid,
+            "RecordingSid": recording_sid,
+            "RecordingUrl": f"{base}/{recording_sid}",
+            "RecordingStatus": "completed",
+            "RecordingDuration": str(seconds),
+            "RecordingChannels": "1",
+            "RecordingSource": "OutboundAPI",
+            "RecordingStartTime": format_datetime(call.answered_at or datetime.now(UTC)),
+        }
+        status, _ = await self._signed_post(call.recording_callback, params)
+        call.recordings.append((recording_sid, status))

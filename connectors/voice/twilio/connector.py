@@ -28,7 +28,8 @@ protocol), through the Calls REST API
 - ``place``: create a call whose ``Url`` is this connector's ``step`` route at
   the flow's start (the routes above then drive it), or whose ``Twiml`` says or
   plays a message and hangs up; the call's status callbacks come to
-  ``/{account}/status`` (initiated, ringing, answered, completed).
+  ``/{account}/status`` (initiated, ringing, answered, completed), a whole-call
+  recording (``record``) to ``/{account}/recording``.
 - ``transfer`` / ``enqueue`` / ``speak``: update the live call with new TwiML
   (``<Dial>``; ``<Enqueue>`` whose waitUrl is the hold route of a flow step
   queueing into the same queue; ``<Say>``/``<Play>`` then ``<Redirect>`` to a
@@ -329,7 +330,12 @@ class TwilioVoiceConnector:
                 )
             form.append(("Timeout", str(place.ring_timeout_seconds)))
         if place.record:
-            form.append(("Record", "true"))
+            # The whole-call recording comes back as call.recording on the recording route.
+            form += [
+                ("Record", "true"),
+                ("RecordingStatusCallback", self._ctx.webhook_url("recording", account=key)),
+                ("RecordingStatusCallbackMethod", "POST"),
+            ]
         return form
 
     def _control_twiml(self, key: str, command: CallCommand) -> tuple[str, str]:

@@ -199,6 +199,8 @@ async def test_place_with_a_flow_points_twilio_at_the_flows_start_step(
     assert form.getall("StatusCallbackEvent") == ["initiated", "ringing", "answered", "completed"]
     assert form["Timeout"] == "25"
     assert form["Record"] == "true"
+    assert form["RecordingStatusCallback"] == f"{HOOKS}/main/recording"
+    assert form["RecordingStatusCallbackMethod"] == "POST"
     call = fake.placed[result.call_id]
     assert result.call_id.startswith("CA")
     assert len(result.call_id) == 34
@@ -217,7 +219,7 @@ async def test_place_with_say_hands_twilio_the_twiml_and_hangs_up(
     (request,) = fake.call_requests
     form = request.form
     assert form["From"] == "+14155550199"  # the command's, not the default
-    assert not {"Url", "Timeout", "Record"} & set(form)
+    assert not {"Url", "Timeout", "Record", "RecordingStatusCallback"} & set(form)
     expected = VoiceResponse()
     expected.say(text, voice="Polly.Amy", language="en-GB", loop=1)
     expected.hangup()
@@ -626,15 +628,22 @@ async def test_placed_call_lifecycle_arrives_as_call_events(
     calling: tuple[Harness, FakeTwilio, TwilioVoiceConnector],
 ) -> None:
     harness, fake, connector = calling
-    result = await connector.call(place(flow="support"))
+    result = await connector.call(place(flow="support", record=True))
     sid = result.call_id
-    events = await call_events(harness, sid, 4)
+    events = await call_events(harness, sid, 5)
     assert [key for _, key in events] == [
         "call.initiated.voice.twilio",
         "call.ringing.voice.twilio",
         "call.answered.voice.twilio",
         "call.completed.voice.twilio",
+        # The whole-call recording, reported once the call ended.
+        "call.recording.voice.twilio",
     ]
+    recording, _ = events.pop()
+    ((recording_sid, recording_status),) = fake.placed[sid].recordings
+    assert recording_status == 204
+    assert recording.call.recording.provider_media_id == recording_sid
+    assert recording.call.recording.url.endswith(f"/Recordings/{recording_sid}")
     states = [event.call.state for event, _ in events]
     assert states == [
         CallState.CALL_STATE_INITIATED,
