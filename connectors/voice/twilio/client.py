@@ -11,9 +11,13 @@ whether a lost answer may be retried:
 - creating a call is not idempotent (Twilio takes no idempotency key): a
   timeout or disconnect after the request went out is
   :class:`~gateway.contract.AmbiguousSendError`, so a call is never placed twice;
-- updating a live call (new TwiML, or ``Status=completed``) sets the call to
-  the same state however often it is repeated, so the same loss is a
-  :class:`~gateway.contract.TransientError` and the runtime retries it.
+- ending a live call (``Status=completed``) does nothing twice, so a lost
+  answer is a :class:`~gateway.contract.TransientError` and the runtime
+  repeats it;
+- giving a live call new TwiML (transfer, enqueue, speak) restarts that TwiML
+  when repeated: a transfer target would ring again, a caller would hear the
+  message twice. A lost answer is ambiguous, as for a new call (the Vonage
+  connector decides the same).
 """
 
 from __future__ import annotations
@@ -58,8 +62,14 @@ class TwilioCallsClient:
             raise _rejected(exc, "the call") from exc
         return _resource(response.json())
 
-    async def update_call(self, call_sid: str, form: list[tuple[str, str]]) -> dict[str, Any]:
-        """POST an update of a live call; returns Twilio's call resource."""
+    async def update_call(
+        self, call_sid: str, form: list[tuple[str, str]], *, repeatable: bool
+    ) -> dict[str, Any]:
+        """POST an update of a live call; returns Twilio's call resource.
+
+        ``repeatable``: the update does nothing twice when repeated (ending
+        the call), so an answer lost after sending is transient, not ambiguous.
+        """
         if not CALL_SID.match(call_sid):
             # Also keeps anything but a SID out of the request path.
             raise PermanentError(f"not a Twilio call SID: {call_sid!r}", code="invalid_call_id")
@@ -84,6 +94,8 @@ class TwilioCallsClient:
                 ) from exc
             raise _rejected(exc, "the call update") from exc
         except AmbiguousSendError as exc:
+            if not repeatable:
+                raise
             raise TransientError(
                 f"twilio: update of {call_sid} unconfirmed, safe to repeat: {exc}",
                 code="update_unconfirmed",

@@ -253,9 +253,10 @@ class TwilioVoiceConnector:
         Raises PermanentError for a command that cannot succeed (an invalid
         target, an unknown account, flow or step, a call that ended: code
         ``call_not_in_progress``, or that Twilio does not know:
-        ``call_not_found``), TransientError (429, 5xx, no connection, an
-        update whose answer was lost) or AmbiguousSendError (a placed call
-        whose answer was lost: it may exist, so it is never placed again).
+        ``call_not_found``), TransientError (429, 5xx, no connection, a
+        hang-up whose answer was lost) or AmbiguousSendError (a placed call,
+        transfer, enqueue or speak whose answer was lost: repeating it could
+        ring someone twice, so it is never repeated).
         """
         action = command.WhichOneof("action")
         key = self._account_for(command)
@@ -265,10 +266,12 @@ class TwilioVoiceConnector:
         if action == "place":
             resource = await client.create_call(self._place_form(key, command.place))
         elif action == "hang_up":
-            resource = await client.update_call(command.hang_up.call_id, [("Status", "completed")])
+            resource = await client.update_call(
+                command.hang_up.call_id, [("Status", "completed")], repeatable=True
+            )
         elif action in ("transfer", "enqueue", "speak"):
             call_id, twiml = self._control_twiml(key, command)
-            resource = await client.update_call(call_id, [("Twiml", twiml)])
+            resource = await client.update_call(call_id, [("Twiml", twiml)], repeatable=False)
         else:
             raise PermanentError(
                 f"voice.twilio cannot {action!r} a call", code="unsupported_action"

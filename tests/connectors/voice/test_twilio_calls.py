@@ -494,16 +494,27 @@ async def test_timeout_after_placing_is_ambiguous(
     assert len(fake.call_requests) == 1
 
 
-async def test_timeout_after_an_update_is_transient(
+async def test_timeout_after_a_hang_up_is_transient(
     fake: FakeTwilio, connector: TwilioVoiceConnector
 ) -> None:
     sid = await live_call(connector, fake)
     fake.hang_next(1.5)
     with pytest.raises(TransientError) as caught:
         await connector.call(command(hang_up=HangUpCall(call_id=sid)))
-    # Setting a live call's TwiML or status again does no harm: retry it.
+    # Ending a call again does nothing twice: retry it.
     assert not isinstance(caught.value, AmbiguousSendError)
     assert caught.value.code == "update_unconfirmed"
+
+
+async def test_timeout_after_a_transfer_is_ambiguous(
+    fake: FakeTwilio, connector: TwilioVoiceConnector
+) -> None:
+    sid = await live_call(connector, fake)
+    fake.hang_next(1.5)
+    with pytest.raises(AmbiguousSendError):
+        await connector.call(command(transfer=TransferCall(call_id=sid, to="+14155550199")))
+    # Repeating new TwiML would ring the transfer target again: never repeated.
+    assert sum(1 for r in fake.call_requests if r.call_sid == sid) == 1
 
 
 @pytest.mark.parametrize("action", ["place", "transfer"])
