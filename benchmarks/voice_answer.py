@@ -75,6 +75,8 @@ CALLER = "+447700900123"
 #: Answer budgets the bench takes: bucket bounds of gateway_publish_seconds (so it can count
 #: the confirms slower than the budget).
 BUDGET_BOUNDS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0)
+#: Seconds all phases together may take (start-up, smoke and queue counts come on top).
+MAX_PHASES_SECONDS = 90.0
 #: Target of the issue: the answer webhook's p99 at load.
 TARGET_P99_MS = 100.0
 #: The connector's default answer_publish_wait, in seconds.
@@ -464,6 +466,13 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("concurrencies must be >= 1")
     if args.duration <= 0 or args.warmup < 0 or args.rate <= 0 or args.connections < 1:
         parser.error("--duration, --rate and --connections must be positive")
+    # Fixed rate, each closed loop and the status phase, one after the other.
+    phases = len(concurrency) + 2
+    if (args.warmup + args.duration) * phases > MAX_PHASES_SECONDS:
+        parser.error(
+            f"{phases} phases of --warmup + --duration must be at most {MAX_PHASES_SECONDS:.0f} s "
+            "in all (the run stays under two minutes)"
+        )
     cfg = Settings(
         duration=args.duration,
         warmup=args.warmup,
