@@ -281,13 +281,15 @@ async def serve(
     store: IdempotencyStore | None = None,
     collect: bool = True,
     http: Mapping[str, Any] | None = None,
+    extra_settings: Mapping[str, Any] | None = None,
 ) -> AsyncIterator[Harness]:
     """Start ``provider`` and a :class:`Service` hosting ``connector`` whose config
     section is ``connector_settings(provider.url)``; stop both afterwards.
 
     The service runs on ``bus`` (default: a new in-memory bus, or the broker at
     ``broker_url`` when that is an ``amqp://`` URL) with the suite's fast send
-    settings; ``http`` overrides webhook server settings (``public_base_url``).
+    settings; ``http`` overrides webhook server settings (``public_base_url``);
+    ``extra_settings`` adds further top-level runtime sections (e.g. ``spool``).
     Every event collected is checked against the connector's manifest.
     """
     await provider.start()
@@ -298,6 +300,7 @@ async def serve(
                 "broker": {"url": broker_url, "publish_timeout": 2.0, "connect_timeout": 3.0},
                 "send": SEND_SETTINGS,
                 "connectors": {connector: dict(connector_settings(provider.url))},
+                **(extra_settings or {}),
             }
         )
         service = Service(
@@ -408,6 +411,13 @@ class TcpProxy:
             pass  # the other side is gone: closing below ends both directions
         finally:
             dst.close()
+
+    async def resume(self) -> None:
+        """Listen again on the same port after :meth:`cut` (the broker is back)."""
+        if self._server is None:
+            self._server = await asyncio.start_server(
+                self._accept, "127.0.0.1", self.port, reuse_address=True
+            )
 
     async def cut(self) -> None:
         """Stop listening and close every proxied connection."""
