@@ -31,6 +31,7 @@ import hmac
 import json
 import time
 import uuid
+from collections.abc import Coroutine
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -305,6 +306,7 @@ class FakeVonage(FakeProviderServer):
         self.complete_calls = complete_calls
         self.voice_requests: list[VoiceRequest] = []
         self.voice_calls: dict[str, FakeCall] = {}
+        self._stopping = False
 
     # -- scripting ---------------------------------------------------------------
 
@@ -478,6 +480,24 @@ class FakeVonage(FakeProviderServer):
             return resp.status
 
     # -- Voice API -------------------------------------------------------------------
+
+    def spawn(self, coro: Coroutine[Any, Any, None]) -> None:
+        """As the base, but nothing new starts once stopping: a request still in
+        flight then (a scripted hang) must not start webhooks after the session closed."""
+        if self._stopping:
+            coro.close()
+            return
+        super().spawn(coro)
+
+    async def start(self) -> None:
+        """Start as the base does (spawning again after a stop)."""
+        self._stopping = False
+        await super().start()
+
+    async def stop(self) -> None:
+        """Stop spawning, then stop as the base does."""
+        self._stopping = True
+        await super().stop()
 
     async def _voice_request(self, request: web.Request) -> tuple[Any, web.Response | None]:
         """Record the request; an error response when auth or scripting says so."""
