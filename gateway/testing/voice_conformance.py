@@ -17,8 +17,8 @@ connector in the runtime's real :class:`~gateway.runtime.service.Service`
 over real HTTP, with the durable spool enabled (as voice deployments run):
 
 - answer webhooks: a valid one is answered with the flow's document (TwiML,
-  NCCO ...) and publishes the call's CallEvent; every forgery is a 401/403 and
-  publishes nothing;
+  NCCO ...) and publishes the call's CallEvent, a repeated one is answered
+  again and is one event; every forgery is a 401/403 and publishes nothing;
 - status callbacks: a repeated one is one event; shuffled and duplicated
   lifecycles fold (:func:`connectors.voice.lifecycle.fold`) to the right
   final state, one event per state;
@@ -77,6 +77,7 @@ from gateway.api.v1.call_pb2 import (
     TransferCall,
 )
 from gateway.api.v1.envelope_pb2 import Event
+from gateway.api.v1.message_pb2 import Direction
 from gateway.contract import registry
 from gateway.contract.connector import CallControl
 from gateway.contract.errors import AmbiguousSendError
@@ -195,9 +196,12 @@ class VoiceConnectorConformance:
 
     def fake_provider(self) -> FakeProvider:
         """A new, unstarted fake of the provider's call API: creating and
-        updating calls succeed; ``rate_limit_next``, ``server_error_next`` and
-        ``hang_next`` (answer late, after the call was created) script the
-        next answer; an update of a call it never created is its 404."""
+        updating calls succeed, and a placed call reports its progress (at
+        least up to answered, then completed once hung up) to the status
+        callback URL the connector gave it; ``rate_limit_next``,
+        ``server_error_next`` and ``hang_next`` (answer late, after the call
+        was created) script the next answer; an update of a call it never
+        created is its 404."""
         raise NotImplementedError
 
     def provider_requests(self, provider: FakeProvider) -> Sequence[ProviderCallRequest]:
@@ -322,6 +326,20 @@ class VoiceConnectorConformance:
             (event,) = await h.wait_for(of_call(call_id), 1)
             self.check_answer_event(event, call_id)
             assert [e.id for e in h.events] == [event.id], "the answer published something else"
+
+    async def test_repeated_answer_webhook_is_answered_again_and_is_one_event(self) -> None:
+        async with self.running() as h:
+            call_id = self.new_call_id()
+            answer = self.answer_webhook(h.base_url, call_id)
+            # A provider retrying its answer webhook still gets the flow each time.
+            for _ in range(2):
+                self.check_answer(*await request(h, answer))
+            for status, content_type, body in await asyncio.gather(
+                *(request(h, answer) for _ in range(3))
+            ):
+                self.check_answer(status, content_type, body)
+            (event,) = await h.wait_for(of_call(call_id), 1)
+            self.check_answer_event(event, call_id)
 
     async def test_every_forgery_is_refused_and_publishes_nothing(self) -> None:
         async with self.running() as h:
@@ -496,6 +514,27 @@ class VoiceConnectorConformance:
             assert len(self.updates(h, call_id)) == 2
             assert len(self.creates(h)) == 1
 
+    async def test_placed_call_reports_its_lifecycle_and_hang_up_completes_it(self) -> None:
+        async with self.running() as h:
+            place = self.place_call()
+            (placed,) = await self.execute(h, self.command(place=place))
+            call_id = placed.call_command.call_id
+            # The provider reports the placed call's progress to the connector's routes.
+            await h.wait_for(
+                lambda e: of_call(call_id)(e) and e.call.state == C.CALL_STATE_ANSWERED, 1
+            )
+            (ended,) = await self.execute(h, self.command(hang_up=HangUpCall(call_id=call_id)))
+            assert ended.call_command.outcome == Outcome.CALL_COMMAND_OUTCOME_ACCEPTED, ended
+            await h.wait_for(
+                lambda e: of_call(call_id)(e) and e.call.state == C.CALL_STATE_COMPLETED, 1
+            )
+            events = [e for e in h.events if of_call(call_id)(e)]
+            assert len({e.id for e in events}) == len(events), "a call event arrived twice"
+            for event in events:
+                assert event.call.direction == Direction.DIRECTION_OUTBOUND, event.call
+                assert event.call.to == place.to, event.call
+            assert lifecycle.fold(events) == C.CALL_STATE_COMPLETED
+
     async def test_rate_limited_place_is_two_calls_one_outcome(self) -> None:
         async with self.running() as h:
             h.provider.rate_limit_next(retry_after=1)
@@ -565,16 +604,24 @@ class VoiceConnectorConformance:
             assert outcome.call_command.permanent
             assert self.provider_requests(h.provider) == []
 
-    async def test_hang_up_of_an_unknown_call_is_permanent_call_not_found(self) -> None:
+    async def test_control_of_an_unknown_call_is_permanent_call_not_found(self) -> None:
         async with self.running() as h:
-            call_id = self.unknown_call_id()
-            (outcome,) = await self.execute(h, self.command(hang_up=HangUpCall(call_id=call_id)))
-            result = outcome.call_command
-            assert result.outcome == Outcome.CALL_COMMAND_OUTCOME_FAILED, result
-            assert result.permanent
-            assert result.reason_code == "call_not_found"
-            assert result.call_id == call_id
-            assert self.updates(h, call_id) == [ProviderCallRequest(kind="update", call_id=call_id)]
+            for action in (
+                {"hang_up": HangUpCall(call_id=self.unknown_call_id())},
+                {"transfer": TransferCall(call_id=self.unknown_call_id(), to=TRANSFER_TARGET)},
+            ):
+                command = self.command(**action)
+                (outcome,) = await self.execute(h, command)
+                result = outcome.call_command
+                call_id = getattr(command, result.action).call_id
+                assert result.outcome == Outcome.CALL_COMMAND_OUTCOME_FAILED, result
+                assert result.permanent, result
+                assert result.reason_code == "call_not_found", result
+                assert result.call_id == call_id
+                # Asked once: a 404 is not retried.
+                assert self.updates(h, call_id) == [
+                    ProviderCallRequest(kind="update", call_id=call_id)
+                ]
             assert self.creates(h) == []
 
     # -- the manifest --------------------------------------------------------------------------
