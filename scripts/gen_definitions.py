@@ -8,7 +8,8 @@ The broker definitions hold exactly what the services declare at start-up
 quorum send-command queue of every installed connector (entry-point group
 ``gateway.connectors``), the quorum call-command queue of every connector whose
 manifest lists ``call_actions`` (voice) and, unless ``--without-gateway``, the gateway
-service's ledger status queue (bound to ``message.status.#``, so statuses are
+service's ledger status queue (bound to ``message.status.#`` and ``call.command.#``, so
+statuses and call command outcomes are
 kept from the first one even before the gateway first starts; leave it out
 when no gateway consumes it, or it fills up). A broker that loads them (``load_definitions`` in
 rabbitmq.conf, or ``rabbitmqctl import_definitions``) is ready before any
@@ -39,7 +40,7 @@ if str(ROOT) not in sys.path:  # run as a script from anywhere
     sys.path.insert(0, str(ROOT))
 
 from gateway.contract import registry  # noqa: E402
-from gateway.ledger.ingest import DEFAULT_QUEUE, STATUS_PATTERN  # noqa: E402
+from gateway.ledger.ingest import DEFAULT_QUEUE, LEDGER_PATTERNS  # noqa: E402
 from gateway.runtime.config import BrokerSettings  # noqa: E402
 from gateway.runtime.outbound import command_topology  # noqa: E402
 from gateway.runtime.topology import Topology, base_topology, subscription_queue  # noqa: E402
@@ -52,7 +53,7 @@ def runtime_topology(
 ) -> Topology:
     """Base topology plus the command queues of each named connector (send, and
     call when its manifest lists call actions), and the gateway's ledger status
-    queue when ``gateway``.
+    queue (statuses and call command outcomes) when ``gateway``.
 
     The same composition as :meth:`gateway.runtime.service.Service.topology`
     and the gateway's ``StatusIngestor.topology`` (without a config's
@@ -61,7 +62,7 @@ def runtime_topology(
     topology = base_topology()
     if gateway:
         topology = topology.merge(
-            Topology(queues=(subscription_queue(DEFAULT_QUEUE, (STATUS_PATTERN,), delivery_limit),))
+            Topology(queues=(subscription_queue(DEFAULT_QUEUE, LEDGER_PATTERNS, delivery_limit),))
         )
     for name in connectors:
         spec = registry.load(name)  # a connector that fails to load fails generation

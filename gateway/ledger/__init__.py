@@ -13,6 +13,12 @@ Public interface (used by the gRPC server in ``gateway/server``)::
     page = await ledger.list(ListFilter(conversation_id=...), page_size=50, page_token="")
     await ledger.close()
 
+Call commands (SendCallCommand) have their own table: ``accept_call_command``
+records one PENDING, ``mark_call_dispatched`` once the broker confirmed it,
+``record_call_outcome`` applies the connector's ``call.command`` event (the
+first outcome wins; an outcome of an unknown command is stored too) and
+``get_call_command`` reads it (:class:`CallCommandNotFoundError`).
+
 Errors: :class:`IdempotencyConflictError` (key reused for another request),
 :class:`MessageNotFoundError` (``get``), :class:`NotRetryableError`
 (``retry`` of a message that did not fail), :class:`InvalidPageTokenError` and
@@ -35,6 +41,13 @@ the ledger uses FAILED with reason code ``fallback_exhausted``, and a
 ``python -m gateway.ledger.bench`` measures the ledger on SQLite or PostgreSQL.
 """
 
+from gateway.ledger.calls import (
+    CallCommandNotFoundError,
+    CallCommandRecord,
+    CallOutcome,
+    CallOutcomeApplied,
+    NewCallCommand,
+)
 from gateway.ledger.fallback import FallbackEngine, bus_command_publisher, notice_event
 from gateway.ledger.ingest import StatusIngestor, status_update_from_event
 from gateway.ledger.models import (
@@ -84,6 +97,10 @@ __all__ = [
     "REASON_TIMEOUT",
     "Applied",
     "Attempt",
+    "CallCommandNotFoundError",
+    "CallCommandRecord",
+    "CallOutcome",
+    "CallOutcomeApplied",
     "EntryKind",
     "FallbackEngine",
     "FallbackPolicy",
@@ -95,6 +112,7 @@ __all__ = [
     "ListFilter",
     "MessageNotFoundError",
     "MessageRecord",
+    "NewCallCommand",
     "NewMessage",
     "NotRetryableError",
     "Page",

@@ -1,4 +1,5 @@
-"""The status ingestor: ``message.status.#`` from the bus into the ledger.
+"""The status ingestor: ``message.status.#`` and ``call.command.#`` from the bus
+into the ledger.
 
 Statuses are applied with group commit: the deliveries in flight (up to the
 prefetch) are applied together in one ledger transaction, and each handler
@@ -7,6 +8,10 @@ not committed and the event id makes a redelivery a no-op. A malformed event
 is rejected to the dead-letter exchange; a database error requeues it. When a
 batch fails, its statuses are retried one by one, so one bad status cannot
 hold back the others.
+
+Call command outcomes (``call.command`` events of the voice connectors) come
+through the same queue and are applied one per transaction: they are few, and
+:meth:`Ledger.record_call_outcome` is idempotent on its own.
 """
 
 from __future__ import annotations
@@ -15,6 +20,7 @@ import asyncio
 
 from gateway.api.v1.envelope_pb2 import Event
 from gateway.contract.errors import BadRequestError
+from gateway.ledger.calls import CallOutcome
 from gateway.ledger.fallback import (
     ORIGIN_ATTRIBUTE,
     ORIGIN_LEDGER,
@@ -31,9 +37,13 @@ from gateway.runtime.topology import DEFAULT_DELIVERY_LIMIT, Topology, subscript
 
 log = get_logger("gateway.ledger.ingest")
 
-#: The gateway's status queue on ``channels.events``.
+#: The gateway's status queue on ``channels.events`` (statuses and call command outcomes).
 DEFAULT_QUEUE = "gateway.ledger.statuses"
 STATUS_PATTERN = "message.status.#"
+#: Outcomes of call commands (``call.command.<channel>.<provider>``).
+CALL_COMMAND_PATTERN = "call.command.#"
+#: Every binding of the ledger's queue.
+LEDGER_PATTERNS = (STATUS_PATTERN, CALL_COMMAND_PATTERN)
 
 
 def _trace_id(traceparent: str) -> str:
@@ -73,6 +83,35 @@ def status_update_from_event(event: Event) -> StatusUpdate:
         )
     except ValueError as exc:
         raise BadRequestError(f"unusable status event {event.id}: {exc}") from exc
+
+
+def call_outcome_from_event(event: Event) -> CallOutcome:
+    """The ledger outcome of a ``call.command`` event (its command is
+    ``call_command.command_id``, else the event's ``causation_id``). Raises
+    :class:`BadRequestError` for an event that is not a usable outcome."""
+    if event.WhichOneof("payload") != "call_command":
+        raise BadRequestError(f"event {event.id} of type {event.type!r} carries no call outcome")
+    result = event.call_command
+    try:
+        return CallOutcome(
+            command_id=result.command_id or event.causation_id,
+            outcome=result.outcome,
+            action=result.action,
+            channel=event.channel,
+            provider=event.provider,
+            account=event.account,
+            call_id=result.call_id,
+            provider_status=result.provider_status,
+            reason_code=result.reason_code,
+            reason=result.reason,
+            permanent=result.permanent,
+            correlation_id=event.correlation_id,
+            conversation_id=event.conversation_id,
+            event_id=event.id,
+            occurred_at=event.occurred_at.ToDatetime() if event.HasField("occurred_at") else None,
+        )
+    except ValueError as exc:
+        raise BadRequestError(f"unusable call command outcome {event.id}: {exc}") from exc
 
 
 class GroupCommit:
@@ -125,7 +164,7 @@ def _settle(future: asyncio.Future[Applied], outcome: Applied | BaseException) -
 
 
 class StatusIngestor:
-    """Consumes ``message.status.#`` into the ledger.
+    """Consumes ``message.status.#`` and ``call.command.#`` into the ledger.
 
     ``engine`` (optional) is woken when a status makes a fallback timer due;
     ``emit`` (optional) publishes late-delivery notices.
@@ -153,8 +192,8 @@ class StatusIngestor:
         return self._queue
 
     def topology(self) -> Topology:
-        """The status queue bound to ``message.status.#`` on ``channels.events``."""
-        return Topology(queues=(subscription_queue(self._queue, (STATUS_PATTERN,), self._limit),))
+        """The ledger queue bound to :data:`LEDGER_PATTERNS` on ``channels.events``."""
+        return Topology(queues=(subscription_queue(self._queue, LEDGER_PATTERNS, self._limit),))
 
     async def start(self) -> None:
         """Declare the queue and start consuming."""
@@ -174,6 +213,16 @@ class StatusIngestor:
         event = decode_event(delivery)
         if event.attributes.get(ORIGIN_ATTRIBUTE) == ORIGIN_LEDGER:
             return  # our own notice: already in the ledger
+        if event.WhichOneof("payload") == "call_command":
+            outcome = await self._ledger.record_call_outcome(call_outcome_from_event(event))
+            if outcome.created:
+                log.info(
+                    "outcome of a call command the gateway did not send",
+                    command_id=outcome.record.command_id,
+                )
+            elif not outcome.changed:
+                log.debug("duplicate or late call command outcome", event_id=event.id)
+            return
         applied = await self.apply(event)
         for result in (applied, *applied.released):
             if result.fallback_due and self._engine is not None:

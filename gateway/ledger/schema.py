@@ -145,3 +145,36 @@ timers = Table(
     Column("attempt", Integer, nullable=False),
     Index("ix_ledger_timers_due", "due_at"),
 )
+
+#: Call commands sent through SendCallCommand, and outcomes of call commands the
+#: gateway did not send (``idempotency_key`` NULL), keyed by command id (0003).
+call_commands = Table(
+    "ledger_call_commands",
+    metadata,
+    Column("command_id", String(128), primary_key=True),
+    # NULL for a command known only from its outcome event (NULLs are distinct).
+    Column("idempotency_key", String(255), nullable=True, unique=True),
+    Column("fingerprint", String(128), nullable=False, default=""),
+    Column("state", Integer, nullable=False),
+    Column("channel", String(64), nullable=False),
+    Column("provider", String(64), nullable=False),
+    Column("account", String(64), nullable=False, default=""),
+    Column("action", String(32), nullable=False),
+    Column("command", LargeBinary, nullable=False, default=b""),
+    Column("dispatched", Boolean, nullable=False, default=False),
+    Column("call_id", String(255), nullable=False, default=""),
+    Column("provider_status", String(128), nullable=False, default=""),
+    Column("reason_code", String(128), nullable=False, default=""),
+    Column("reason", Text, nullable=False, default=""),
+    Column("permanent", Boolean, nullable=False, default=False),
+    Column("correlation_id", String(128), nullable=False, default=""),
+    Column("conversation_id", String(128), nullable=False, default=""),
+    Column("trace_id", String(64), nullable=False, default=""),
+    Column("outcome_event_id", String(255), nullable=False, default=""),
+    Column("completed_at", DateTime, nullable=True),
+    Column("expires_at", DateTime, nullable=True),
+    Column("created_at", DateTime, nullable=False),
+    Column("updated_at", DateTime, nullable=False),
+    # Retention purges by age.
+    Index("ix_ledger_call_commands_updated", "updated_at"),
+)

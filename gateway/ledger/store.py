@@ -37,8 +37,15 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_en
 from gateway.api.v1.command_pb2 import SendMessageCommand
 from gateway.api.v1.delivery_pb2 import DeliveryState
 from gateway.contract.status import FINAL_STATES
-from gateway.ledger import schema
+from gateway.ledger import calls, schema
 from gateway.ledger.apply import StatusItem, apply_batch
+from gateway.ledger.calls import (
+    CallCommandNotFoundError,
+    CallCommandRecord,
+    CallOutcome,
+    CallOutcomeApplied,
+    NewCallCommand,
+)
 from gateway.ledger.models import (
     REASON_FALLBACK_EXHAUSTED,
     REASON_FALLBACK_TTL,
@@ -540,6 +547,51 @@ class Ledger:
         """Statuses waiting for their message (for metrics and tests)."""
         async with self._read() as conn:
             return int(await conn.scalar(select(func.count()).select_from(schema.pending)) or 0)
+
+    # -- call commands -----------------------------------------------------
+
+    async def accept_call_command(self, new: NewCallCommand) -> tuple[CallCommandRecord, bool]:
+        """Record a call command as PENDING, keyed by its idempotency key.
+
+        Returns ``(record, True)`` when this call created it and ``(existing
+        record, False)`` when the key was seen before (from any process): the
+        caller then must not publish again unless ``record.dispatched`` is
+        False. Raises :class:`IdempotencyConflictError` when the key was used
+        for another request or the command id is taken.
+        """
+        async with self._write() as conn:
+            return await calls.accept_call_command(conn, new, self.now())
+
+    async def mark_call_dispatched(self, command_id: str) -> None:
+        """Note that the broker confirmed the call command."""
+        async with self._write() as conn:
+            await calls.mark_call_dispatched(conn, command_id, self.now())
+
+    async def record_call_outcome(self, outcome: CallOutcome) -> CallOutcomeApplied:
+        """Apply a ``call.command`` outcome (idempotent; the first outcome wins).
+
+        An outcome for an unknown command id is stored as a command of its own.
+        """
+        async with self._write() as conn:
+            return await calls.record_call_outcome(conn, outcome, self.now())
+
+    async def find_call_command(self, command_id: str) -> CallCommandRecord | None:
+        """The call command, or None."""
+        async with self._read() as conn:
+            return await calls.load_call_command(conn, command_id)
+
+    async def get_call_command(self, command_id: str) -> CallCommandRecord:
+        """The call command; :class:`CallCommandNotFoundError` for an unknown id."""
+        record = await self.find_call_command(command_id)
+        if record is None:
+            raise CallCommandNotFoundError(command_id)
+        return record
+
+    async def purge_call_commands(self, before: datetime, *, limit: int = 1000) -> int:
+        """Retention: delete call commands last updated before ``before`` (at most
+        ``limit``); their idempotency keys become free again. Returns how many."""
+        async with self._write() as conn:
+            return await calls.purge_call_commands(conn, before, limit)
 
     # -- reads -------------------------------------------------------------
 

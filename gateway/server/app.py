@@ -35,9 +35,10 @@ from gateway.runtime.bus import Bus
 from gateway.runtime.codec import encode_event, event_routing_key
 from gateway.runtime.config import RuntimeSettings
 from gateway.runtime.memory_bus import InMemoryBus
+from gateway.runtime.outbound import command_topology
 from gateway.runtime.service import open_bus
 from gateway.runtime.telemetry import ensure_tracing, get_logger
-from gateway.runtime.topology import EVENTS_EXCHANGE, Topology, base_topology, command_queue
+from gateway.runtime.topology import EVENTS_EXCHANGE, Topology, base_topology
 from gateway.server.connectors import (
     AmqpQueueProbe,
     ConnectorDirectory,
@@ -119,12 +120,13 @@ class GatewayServer:
         return f"{self.gateway.host}:{self.port or self.gateway.port}"
 
     def topology(self) -> Topology:
-        """Base topology plus the command queue of every enabled connector."""
+        """Base topology plus the command queues of every enabled connector (send,
+        and call for a connector with call actions), as the connector's own
+        service declares them."""
         topo = base_topology()
         limit = self.settings.broker.delivery_limit
         for name in sorted(self.directory.enabled):
-            spec = self.directory.spec(name)
-            topo = topo.merge(Topology(queues=(command_queue(spec.channel, spec.provider, limit),)))
+            topo = topo.merge(command_topology(self.directory.spec(name), limit))
         return topo
 
     async def start(self) -> None:

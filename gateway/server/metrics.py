@@ -18,3 +18,8 @@ MESSAGES = Counter(
     "SendMessage outcomes by connector: accepted (new), replayed (same idempotency key)",
     ["connector", "outcome"],
 )
+CALL_COMMANDS = Counter(
+    "gateway_grpc_call_commands_total",
+    "SendCallCommand outcomes by connector: accepted (new), replayed (same idempotency key)",
+    ["connector", "outcome"],
+)

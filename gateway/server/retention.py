@@ -7,6 +7,9 @@ Two things grow without bound otherwise:
   last updated more than ``gateway.retention.messages_days`` ago; their
   idempotency keys become free again, so keep them at least as long as a
   client may repeat a request;
+* call commands (SendCallCommand), deleted like messages once last updated
+  more than ``messages_days`` ago, whatever their state (a command still
+  PENDING that long never reached a connector); their keys become free too;
 * pending statuses that never met their message (a status for a purged or
   unknown message), dropped after ``gateway.retention.pending_hours``.
 
@@ -34,7 +37,8 @@ log = get_logger("gateway.retention")
 
 PURGED = Counter(
     "gateway_ledger_purged_total",
-    "Ledger rows deleted by retention: settled messages and never-matched pending statuses",
+    "Ledger rows deleted by retention: settled messages, call commands and never-matched "
+    "pending statuses",
     ["kind"],
 )
 RETENTION_FAILURES = Counter(
@@ -50,6 +54,7 @@ class PurgeResult:
     pending: int
     #: True when the pass stopped at ``max_batches`` with more left to delete.
     more: bool
+    call_commands: int = 0
 
 
 class RetentionTask:
@@ -74,6 +79,17 @@ class RetentionTask:
                 if not more:
                     break
                 await asyncio.sleep(0)  # let ingestion and RPCs in between batches
+        call_commands = 0
+        if s.messages_days is not None:
+            before = now - timedelta(days=s.messages_days)
+            for _ in range(s.max_batches):
+                deleted = await self._ledger.purge_call_commands(before, limit=s.batch_size)
+                call_commands += deleted
+                if deleted < s.batch_size:
+                    break
+                await asyncio.sleep(0)
+            else:
+                more = True  # every batch was full: go on next pass
         pending = 0
         if s.pending_hours is not None:
             pending = await self._ledger.purge_pending(now - timedelta(hours=s.pending_hours))
@@ -81,9 +97,19 @@ class RetentionTask:
             PURGED.labels("message").inc(messages)
         if pending:
             PURGED.labels("pending_status").inc(pending)
-        if messages or pending:
-            log.info("ledger retention", messages=messages, pending_statuses=pending, more=more)
-        return PurgeResult(messages=messages, pending=pending, more=more)
+        if call_commands:
+            PURGED.labels("call_command").inc(call_commands)
+        if messages or pending or call_commands:
+            log.info(
+                "ledger retention",
+                messages=messages,
+                call_commands=call_commands,
+                pending_statuses=pending,
+                more=more,
+            )
+        return PurgeResult(
+            messages=messages, pending=pending, more=more, call_commands=call_commands
+        )
 
     async def _loop(self) -> None:
         while True:

@@ -10,7 +10,7 @@ manifest (INVALID_ARGUMENT).
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
@@ -126,13 +126,39 @@ def _step_identity(
     return None
 
 
-def _check_shape(request: SendMessageRequest) -> list[Violation]:
-    v: list[Violation] = []
-    key = request.idempotency_key
+def check_idempotency_key(key: str) -> list[Violation]:
+    """Violations of a request's ``idempotency_key`` (required, bounded)."""
     if not key:
-        v.append(Violation("idempotency_key", "required: the same key never sends twice"))
-    elif len(key) > MAX_IDEMPOTENCY_KEY:
-        v.append(Violation("idempotency_key", f"at most {MAX_IDEMPOTENCY_KEY} characters"))
+        return [Violation("idempotency_key", "required: the same key never sends twice")]
+    if len(key) > MAX_IDEMPOTENCY_KEY:
+        return [Violation("idempotency_key", f"at most {MAX_IDEMPOTENCY_KEY} characters")]
+    return []
+
+
+def check_context(
+    correlation_id: str, conversation_id: str, metadata: Mapping[str, str], *, prefix: str
+) -> list[Violation]:
+    """Violations of the ids and metadata echoed on a send's events (``prefix``: the
+    field path of the message holding them, e.g. ``"command."``)."""
+    v: list[Violation] = []
+    for name, value in (("correlation_id", correlation_id), ("conversation_id", conversation_id)):
+        if len(value) > MAX_ID:
+            v.append(Violation(f"{prefix}{name}", f"at most {MAX_ID} characters"))
+    if len(metadata) > MAX_METADATA:
+        v.append(Violation(f"{prefix}metadata", f"at most {MAX_METADATA} entries"))
+    for k, value in metadata.items():
+        if not k or len(k) > MAX_ID or len(value) > MAX_METADATA_VALUE:
+            v.append(
+                Violation(
+                    f"{prefix}metadata[{k!r}]",
+                    f"keys 1..{MAX_ID} characters, values at most {MAX_METADATA_VALUE}",
+                )
+            )
+    return v
+
+
+def _check_shape(request: SendMessageRequest) -> list[Violation]:
+    v = check_idempotency_key(request.idempotency_key)
     identities = _identities(request)
     if request.recipient.WhichOneof("target") is None:
         v.append(Violation("recipient", "required: an address, or a list of identities"))
@@ -160,19 +186,7 @@ def _check_shape(request: SendMessageRequest) -> list[Violation]:
                 "message.recipients", "must be empty: the recipient field says whom to send to"
             )
         )
-    for name in ("correlation_id", "conversation_id"):
-        if len(getattr(request, name)) > MAX_ID:
-            v.append(Violation(name, f"at most {MAX_ID} characters"))
-    if len(request.metadata) > MAX_METADATA:
-        v.append(Violation("metadata", f"at most {MAX_METADATA} entries"))
-    for k, value in request.metadata.items():
-        if not k or len(k) > MAX_ID or len(value) > MAX_METADATA_VALUE:
-            v.append(
-                Violation(
-                    f"metadata[{k!r}]",
-                    f"keys 1..{MAX_ID} characters, values at most {MAX_METADATA_VALUE}",
-                )
-            )
+    v += check_context(request.correlation_id, request.conversation_id, request.metadata, prefix="")
     if request.ttl.seconds < 0 or request.ttl.nanos < 0:
         v.append(Violation("ttl", "must not be negative"))
     if request.HasField("fallback"):

@@ -1,4 +1,5 @@
-"""The GatewayService servicer: send, timeline, listing, connectors, preview, stream.
+"""The GatewayService servicer: send, timeline, listing, connectors, preview, stream,
+and call commands.
 
 Every handler raises :class:`~gateway.server.errors.RpcError` for an error
 answer; :func:`_answer` turns it into a status with google.rpc details. A
@@ -10,21 +11,25 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator, Awaitable
-from datetime import UTC, timedelta
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping
+from contextlib import contextmanager
+from datetime import UTC, datetime, timedelta
 from typing import Any, NoReturn, TypeVar
 
 import grpc
 from grpc import aio
-from opentelemetry.trace import SpanKind, Status, StatusCode
+from opentelemetry.trace import Span, SpanKind, Status, StatusCode
 from sqlalchemy.exc import SQLAlchemyError
 
 from gateway.api.v1 import gateway_service_pb2_grpc
+from gateway.api.v1.call_pb2 import CallCommand
 from gateway.api.v1.command_pb2 import SendMessageCommand
 from gateway.api.v1.delivery_pb2 import DeliveryState
 from gateway.api.v1.gateway_service_pb2 import Adaptation as AdaptationPb
-from gateway.api.v1.gateway_service_pb2 import ContentViolation as ContentViolationPb
 from gateway.api.v1.gateway_service_pb2 import (
+    CallCommandState,
+    GetCallCommandRequest,
+    GetCallCommandResponse,
     GetMessageRequest,
     GetMessageResponse,
     ListConnectorsRequest,
@@ -33,14 +38,18 @@ from gateway.api.v1.gateway_service_pb2 import (
     ListMessagesResponse,
     PreviewMessageRequest,
     PreviewMessageResponse,
+    SendCallCommandRequest,
+    SendCallCommandResponse,
     SendMessageRequest,
     SendMessageResponse,
     StreamEventsRequest,
     StreamEventsResponse,
 )
+from gateway.api.v1.gateway_service_pb2 import ContentViolation as ContentViolationPb
 from gateway.contract.errors import BadRequestError
 from gateway.contract.ids import new_id
 from gateway.contract.status import FINAL_STATES
+from gateway.ledger.calls import CallCommandNotFoundError, CallCommandRecord
 from gateway.ledger.models import (
     IdempotencyConflictError,
     InvalidPageTokenError,
@@ -49,16 +58,21 @@ from gateway.ledger.models import (
     MessageRecord,
 )
 from gateway.ledger.store import Ledger
-from gateway.runtime.bus import Bus, PublishError
-from gateway.runtime.codec import encode_command
+from gateway.runtime.bus import Bus, OutgoingMessage, PublishError
+from gateway.runtime.codec import encode_call_command, encode_command
 from gateway.runtime.telemetry import extract_trace_context, get_logger, tracer
-from gateway.runtime.topology import COMMANDS_EXCHANGE, command_routing_key
+from gateway.runtime.topology import (
+    COMMANDS_EXCHANGE,
+    call_command_routing_key,
+    command_routing_key,
+)
+from gateway.server.calls import outbound_call_command, prepare_call, stored_command
 from gateway.server.connectors import ConnectorDirectory
 from gateway.server.content import Violation, adapt
 from gateway.server.convert import outbound_message
 from gateway.server.errors import RpcError, invalid
 from gateway.server.events import EventHub
-from gateway.server.metrics import MESSAGES, RPC_SECONDS, RPCS
+from gateway.server.metrics import CALL_COMMANDS, MESSAGES, RPC_SECONDS, RPCS
 from gateway.server.sending import normalize_address, prepare_send
 
 log = get_logger("gateway.server")
@@ -130,6 +144,27 @@ def _budget(context: Context, limit: float) -> float:
     return min(limit, remaining - _MIN_PUBLISH_BUDGET / 2)
 
 
+@contextmanager
+def _server_span(context: Context, method: str) -> Iterator[Span]:
+    """The RPC's server span; a caller that traces sends its W3C context as gRPC
+    metadata, and the span joins its trace."""
+    metadata: Mapping[str, str | bytes] = {
+        item[0]: item[1] for item in context.invocation_metadata() or ()
+    }
+    with tracer().start_as_current_span(
+        f"{SERVICE_NAME}/{method}",
+        context=extract_trace_context(metadata),
+        kind=SpanKind.SERVER,
+        attributes={"rpc.system": "grpc", "rpc.service": SERVICE_NAME, "rpc.method": method},
+    ) as span:
+        yield span
+
+
+def _span_error(span: Span, error: RpcError) -> None:
+    span.set_status(Status(StatusCode.ERROR, error.message))
+    span.set_attribute("rpc.grpc.status_code", error.code.value[0])
+
+
 class GatewayServicer(gateway_service_pb2_grpc.GatewayServiceServicer):
     """``gateway.api.v1.GatewayService`` on a ledger, a bus and the connector registry."""
 
@@ -159,18 +194,7 @@ class GatewayServicer(gateway_service_pb2_grpc.GatewayServiceServicer):
         return await _answer(context, "SendMessage", self._send(request, context))
 
     async def _send(self, request: SendMessageRequest, context: Context) -> SendMessageResponse:
-        # A caller that traces sends its W3C context as gRPC metadata: join its trace.
-        metadata = {item[0]: item[1] for item in context.invocation_metadata() or ()}
-        with tracer().start_as_current_span(
-            f"{SERVICE_NAME}/SendMessage",
-            context=extract_trace_context(metadata),
-            kind=SpanKind.SERVER,
-            attributes={
-                "rpc.system": "grpc",
-                "rpc.service": SERVICE_NAME,
-                "rpc.method": "SendMessage",
-            },
-        ) as span:
+        with _server_span(context, "SendMessage") as span:
             try:
                 prepared = prepare_send(
                     request, self._directory, message_id=new_id(), now=self._ledger.now()
@@ -195,8 +219,7 @@ class GatewayServicer(gateway_service_pb2_grpc.GatewayServiceServicer):
                 elif not record.dispatched and record.state not in FINAL_STATES:
                     record = await self._redispatch(record, context)
             except RpcError as exc:
-                span.set_status(Status(StatusCode.ERROR, exc.message))
-                span.set_attribute("rpc.grpc.status_code", exc.code.value[0])
+                _span_error(span, exc)
                 raise
             MESSAGES.labels(
                 f"{record.channel}.{record.provider}", "accepted" if created else "replayed"
@@ -223,8 +246,27 @@ class GatewayServicer(gateway_service_pb2_grpc.GatewayServiceServicer):
         context: Context,
     ) -> None:
         """Publish the command with confirms, then note it in the ledger."""
+        await self._publish_command(
+            command_routing_key(command.channel, command.provider),
+            lambda: encode_command(command),
+            message_id,
+            context,
+            what="send command",
+        )
+        await self._ledger.mark_dispatched(message_id, attempt)
+
+    async def _publish_command(
+        self,
+        routing_key: str,
+        encode: Callable[[], tuple[str, OutgoingMessage]],
+        message_id: str,
+        context: Context,
+        *,
+        what: str,
+    ) -> None:
+        """Publish a command on ``channels.commands`` with confirms, within the
+        caller's deadline; UNAVAILABLE when the broker does not confirm it."""
         timeout = _budget(context, self._publish_timeout)
-        routing_key = command_routing_key(command.channel, command.provider)
         with tracer().start_as_current_span(
             f"publish {COMMANDS_EXCHANGE}",
             kind=SpanKind.PRODUCER,
@@ -237,30 +279,30 @@ class GatewayServicer(gateway_service_pb2_grpc.GatewayServiceServicer):
             },
         ):
             # Encoded inside the producer span: its context is the command's traceparent.
-            routing_key, outgoing = encode_command(command)
+            routing_key, outgoing = encode()
             try:
                 await self._bus.publish(COMMANDS_EXCHANGE, routing_key, outgoing, timeout=timeout)
             except PublishError as exc:
                 raise RpcError(
                     grpc.StatusCode.UNAVAILABLE,
-                    f"the broker did not confirm the send command ({exc}); the message is "
-                    "recorded: retry with the same idempotency_key to send it",
+                    f"the broker did not confirm the {what} ({exc}); it is recorded but not "
+                    "sent: retry with the same idempotency_key to send it",
                     reason="PUBLISH_FAILED",
                 ) from exc
-        await self._ledger.mark_dispatched(message_id, attempt)
 
-    async def _redispatch(self, record: MessageRecord, context: Context) -> MessageRecord:
-        """A repeated key whose command was never confirmed: publish it now.
-
-        The first request (maybe on another replica) may still be publishing:
-        wait until its publish timeout has surely passed before publishing
-        ourselves, so a slow confirm does not become a second command.
-        """
-        settle_at = record.created_at + timedelta(seconds=self._publish_timeout + 1.0)
-        while not record.dispatched:
+    async def _first_publish_over(
+        self, created_at: datetime, settled: Callable[[], Awaitable[bool]], context: Context
+    ) -> bool:
+        """For a repeated key whose command was never confirmed: wait until the
+        first request (maybe on another replica) surely stopped publishing, so a
+        slow confirm does not become a second command. True when ``settled()``
+        (re-reading the ledger) says the command got confirmed or ended meanwhile;
+        False when it is ours to publish now."""
+        settle_at = created_at + timedelta(seconds=self._publish_timeout + 1.0)
+        while not await settled():
             wait = (settle_at - self._ledger.now().astimezone(UTC)).total_seconds()
             if wait <= 0:
-                break
+                return False
             remaining = context.time_remaining()
             if remaining is not None and remaining < wait + _MIN_PUBLISH_BUDGET:
                 raise RpcError(
@@ -270,8 +312,18 @@ class GatewayServicer(gateway_service_pb2_grpc.GatewayServiceServicer):
                     reason="SEND_IN_PROGRESS",
                 )
             await asyncio.sleep(min(_POLL, wait))
+        return True
+
+    async def _redispatch(self, record: MessageRecord, context: Context) -> MessageRecord:
+        """A repeated key whose command was never confirmed: publish it now (once
+        the first request surely gave up, see :meth:`_first_publish_over`)."""
+
+        async def settled() -> bool:
+            nonlocal record
             record = await self._ledger.get(record.message_id)
-        if record.dispatched or record.state in FINAL_STATES:
+            return record.dispatched or record.state in FINAL_STATES
+
+        if await self._first_publish_over(record.created_at, settled, context):
             return record
         command = await self._ledger.command_for(record.message_id, record.attempt)
         log.warning(
@@ -281,6 +333,117 @@ class GatewayServicer(gateway_service_pb2_grpc.GatewayServiceServicer):
         )
         await self._dispatch(record.message_id, record.attempt, command, context)
         return await self._ledger.get(record.message_id)
+
+    # -- call commands -----------------------------------------------------------
+
+    async def SendCallCommand(
+        self,
+        request: SendCallCommandRequest,
+        context: aio.ServicerContext[SendCallCommandRequest, SendCallCommandResponse],
+    ) -> SendCallCommandResponse:
+        return await _answer(context, "SendCallCommand", self._send_call(request, context))
+
+    async def _send_call(
+        self, request: SendCallCommandRequest, context: Context
+    ) -> SendCallCommandResponse:
+        with _server_span(context, "SendCallCommand") as span:
+            try:
+                prepared = prepare_call(
+                    request,
+                    self._directory,
+                    command_id=request.command.command_id or new_id(),
+                    now=self._ledger.now(),
+                )
+                trace_id = format(span.get_span_context().trace_id, "032x")
+                try:
+                    record, created = await self._ledger.accept_call_command(
+                        prepared.new_call_command(request, trace_id=trace_id)
+                    )
+                except IdempotencyConflictError as exc:
+                    raise RpcError(
+                        grpc.StatusCode.ALREADY_EXISTS,
+                        f"{exc}: use a new idempotency_key (and command_id) for a new command",
+                        reason="IDEMPOTENCY_KEY_REUSED",
+                    ) from exc
+                span.set_attribute("messaging.message.id", record.command_id)
+                span.set_attribute("gateway.connector", f"{record.channel}.{record.provider}")
+                span.set_attribute("gateway.call.action", record.action)
+                span.set_attribute("gateway.idempotent_replay", not created)
+                if created:
+                    await self._dispatch_call(prepared.command, context)
+                    record = await self._ledger.get_call_command(record.command_id)
+                elif not record.dispatched and record.pending:
+                    record = await self._redispatch_call(record, context)
+            except RpcError as exc:
+                _span_error(span, exc)
+                raise
+            connector = f"{record.channel}.{record.provider}"
+            CALL_COMMANDS.labels(connector, "accepted" if created else "replayed").inc()
+            log.info(
+                "call command sent" if created else "idempotent replay of a call command",
+                command_id=record.command_id,
+                action=record.action,
+                connector=connector,
+            )
+            return SendCallCommandResponse(
+                command_id=record.command_id,
+                state=CallCommandState.ValueType(record.state),
+                created=created,
+                channel=record.channel,
+                provider=record.provider,
+                trace_id=record.trace_id,
+            )
+
+    async def _dispatch_call(self, command: CallCommand, context: Context) -> None:
+        """Publish the call command with confirms, then note it in the ledger."""
+        await self._publish_command(
+            call_command_routing_key(command.channel, command.provider),
+            lambda: encode_call_command(command),
+            command.command_id,
+            context,
+            what="call command",
+        )
+        await self._ledger.mark_call_dispatched(command.command_id)
+
+    async def _redispatch_call(
+        self, record: CallCommandRecord, context: Context
+    ) -> CallCommandRecord:
+        """A repeated key whose call command was never confirmed: publish it now.
+        The connector executes a command id at most once, so even a publish
+        that raced a slow confirm cannot ring anyone twice."""
+
+        async def settled() -> bool:
+            nonlocal record
+            record = await self._ledger.get_call_command(record.command_id)
+            return record.dispatched or not record.pending
+
+        if await self._first_publish_over(record.created_at, settled, context):
+            return record
+        command = stored_command(record)
+        assert command is not None  # recorded by SendCallCommand, which stores it
+        log.warning(
+            "re-publishing a call command that was never confirmed", command_id=record.command_id
+        )
+        await self._dispatch_call(command, context)
+        return await self._ledger.get_call_command(record.command_id)
+
+    async def GetCallCommand(
+        self,
+        request: GetCallCommandRequest,
+        context: aio.ServicerContext[GetCallCommandRequest, GetCallCommandResponse],
+    ) -> GetCallCommandResponse:
+        return await _answer(context, "GetCallCommand", self._get_call(request))
+
+    async def _get_call(self, request: GetCallCommandRequest) -> GetCallCommandResponse:
+        if not request.command_id:
+            raise invalid([Violation("command_id", "required")])
+        try:
+            record = await self._ledger.get_call_command(request.command_id)
+        except CallCommandNotFoundError as exc:
+            raise RpcError(
+                grpc.StatusCode.NOT_FOUND, f"no call command {request.command_id!r}"
+            ) from exc
+        return GetCallCommandResponse(call_command=outbound_call_command(record))
 
     # -- reads -----------------------------------------------------------------
 

@@ -43,7 +43,7 @@ async def test_migrations_match_the_schema(backend: Backend) -> None:
         await ledger.close()
         await replica.close()
     assert {t.name for t in metadata.sorted_tables} <= tables
-    assert version == "0002"
+    assert version == "0003"
 
 
 @pytest.mark.parametrize(

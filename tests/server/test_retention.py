@@ -98,6 +98,9 @@ class FlakyLedger:
     async def purge_pending(self, older_than: datetime) -> int:
         return 0
 
+    async def purge_call_commands(self, before: datetime, *, limit: int) -> int:
+        return 0
+
 
 async def test_a_failed_pass_is_counted_and_the_next_one_retries() -> None:
     ledger = FlakyLedger()

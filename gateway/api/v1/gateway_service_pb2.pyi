@@ -4,6 +4,7 @@ isort:skip_file
 """
 
 from collections import abc as _abc
+from gateway.api.v1 import call_pb2 as _call_pb2
 from gateway.api.v1 import connector_pb2 as _connector_pb2
 from gateway.api.v1 import delivery_pb2 as _delivery_pb2
 from gateway.api.v1 import envelope_pb2 as _envelope_pb2
@@ -116,6 +117,40 @@ rendered as plain text.
 ADAPTATION_KIND_DROPPED: AdaptationKind.ValueType  # 2
 """A part the channel cannot carry was left out."""
 Global___AdaptationKind: _TypeAlias = AdaptationKind  # noqa: Y015
+
+class _CallCommandState:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _CallCommandStateEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_CallCommandState.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    CALL_COMMAND_STATE_UNSPECIFIED: _CallCommandState.ValueType  # 0
+    CALL_COMMAND_STATE_PENDING: _CallCommandState.ValueType  # 1
+    """Recorded (and published once dispatched is true); no outcome yet."""
+    CALL_COMMAND_STATE_ACCEPTED: _CallCommandState.ValueType  # 2
+    """The provider accepted the command (a placed call is now initiated)."""
+    CALL_COMMAND_STATE_FAILED: _CallCommandState.ValueType  # 3
+    """The connector or the provider refused it, or the outcome is ambiguous
+    (see reason_code and permanent).
+    """
+    CALL_COMMAND_STATE_EXPIRED: _CallCommandState.ValueType  # 4
+    """The command's expires_at passed before the connector executed it."""
+
+class CallCommandState(_CallCommandState, metaclass=_CallCommandStateEnumTypeWrapper):
+    """CallCommandState is where a call command sent through the gateway stands."""
+
+CALL_COMMAND_STATE_UNSPECIFIED: CallCommandState.ValueType  # 0
+CALL_COMMAND_STATE_PENDING: CallCommandState.ValueType  # 1
+"""Recorded (and published once dispatched is true); no outcome yet."""
+CALL_COMMAND_STATE_ACCEPTED: CallCommandState.ValueType  # 2
+"""The provider accepted the command (a placed call is now initiated)."""
+CALL_COMMAND_STATE_FAILED: CallCommandState.ValueType  # 3
+"""The connector or the provider refused it, or the outcome is ambiguous
+(see reason_code and permanent).
+"""
+CALL_COMMAND_STATE_EXPIRED: CallCommandState.ValueType  # 4
+"""The command's expires_at passed before the connector executed it."""
+Global___CallCommandState: _TypeAlias = CallCommandState  # noqa: Y015
 
 @_typing.final
 class ChannelIdentity(_message.Message):
@@ -1071,3 +1106,225 @@ class StreamEventsResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___StreamEventsResponse: _TypeAlias = StreamEventsResponse  # noqa: Y015
+
+@_typing.final
+class SendCallCommandRequest(_message.Message):
+    """SendCallCommandRequest is one call command to send."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    IDEMPOTENCY_KEY_FIELD_NUMBER: _builtins.int
+    COMMAND_FIELD_NUMBER: _builtins.int
+    idempotency_key: _builtins.str
+    """Required. Requests with the same key return the same command id and the
+    command is published once, whichever gateway replica answers. Keys are
+    separate from SendMessage's.
+    """
+    @_builtins.property
+    def command(self) -> _call_pb2.CallCommand:
+        """Required: the command. channel empty means "voice"; provider empty picks
+        the channel's enabled connector; command_id empty lets the gateway
+        assign one; created_at is set by the gateway. Phone numbers are
+        normalized to E.164 before the command is published.
+        """
+
+    def __init__(
+        self,
+        *,
+        idempotency_key: _builtins.str = ...,
+        command: _call_pb2.CallCommand | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["command", b"command"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["command", b"command", "idempotency_key", b"idempotency_key"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SendCallCommandRequest: _TypeAlias = SendCallCommandRequest  # noqa: Y015
+
+@_typing.final
+class SendCallCommandResponse(_message.Message):
+    """SendCallCommandResponse says which command the request became."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    COMMAND_ID_FIELD_NUMBER: _builtins.int
+    STATE_FIELD_NUMBER: _builtins.int
+    CREATED_FIELD_NUMBER: _builtins.int
+    CHANNEL_FIELD_NUMBER: _builtins.int
+    PROVIDER_FIELD_NUMBER: _builtins.int
+    TRACE_ID_FIELD_NUMBER: _builtins.int
+    command_id: _builtins.str
+    """The key for GetCallCommand; the outcome event's causation_id."""
+    state: Global___CallCommandState.ValueType
+    """PENDING for a new command; the current state for a repeated key."""
+    created: _builtins.bool
+    """False when the idempotency key was seen before and nothing was sent now."""
+    channel: _builtins.str
+    """The connector the command went to."""
+    provider: _builtins.str
+    trace_id: _builtins.str
+    """Trace id (32 hex digits) of the command's trace."""
+    def __init__(
+        self,
+        *,
+        command_id: _builtins.str = ...,
+        state: Global___CallCommandState.ValueType = ...,
+        created: _builtins.bool = ...,
+        channel: _builtins.str = ...,
+        provider: _builtins.str = ...,
+        trace_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["channel", b"channel", "command_id", b"command_id", "created", b"created", "provider", b"provider", "state", b"state", "trace_id", b"trace_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SendCallCommandResponse: _TypeAlias = SendCallCommandResponse  # noqa: Y015
+
+@_typing.final
+class OutboundCallCommand(_message.Message):
+    """OutboundCallCommand is a call command as the gateway's ledger knows it."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    COMMAND_ID_FIELD_NUMBER: _builtins.int
+    IDEMPOTENCY_KEY_FIELD_NUMBER: _builtins.int
+    STATE_FIELD_NUMBER: _builtins.int
+    CHANNEL_FIELD_NUMBER: _builtins.int
+    PROVIDER_FIELD_NUMBER: _builtins.int
+    ACCOUNT_FIELD_NUMBER: _builtins.int
+    ACTION_FIELD_NUMBER: _builtins.int
+    COMMAND_FIELD_NUMBER: _builtins.int
+    CALL_ID_FIELD_NUMBER: _builtins.int
+    PROVIDER_STATUS_FIELD_NUMBER: _builtins.int
+    REASON_CODE_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    PERMANENT_FIELD_NUMBER: _builtins.int
+    DISPATCHED_FIELD_NUMBER: _builtins.int
+    CORRELATION_ID_FIELD_NUMBER: _builtins.int
+    CONVERSATION_ID_FIELD_NUMBER: _builtins.int
+    TRACE_ID_FIELD_NUMBER: _builtins.int
+    OUTCOME_EVENT_ID_FIELD_NUMBER: _builtins.int
+    CREATED_AT_FIELD_NUMBER: _builtins.int
+    UPDATED_AT_FIELD_NUMBER: _builtins.int
+    COMPLETED_AT_FIELD_NUMBER: _builtins.int
+    EXPIRES_AT_FIELD_NUMBER: _builtins.int
+    command_id: _builtins.str
+    idempotency_key: _builtins.str
+    """Empty for a command the gateway did not send (only its outcome is known)."""
+    state: Global___CallCommandState.ValueType
+    channel: _builtins.str
+    provider: _builtins.str
+    account: _builtins.str
+    """The account that acted (from the outcome), else the one the command named."""
+    action: _builtins.str
+    """The action's field name in CallCommand: "place", "transfer", ..."""
+    call_id: _builtins.str
+    """The provider's call id: a placed call's new id, or the controlled call."""
+    provider_status: _builtins.str
+    """The provider's own status of the call after the command, verbatim."""
+    reason_code: _builtins.str
+    """Machine-readable reason of a failure (e.g. "call_not_found")."""
+    reason: _builtins.str
+    permanent: _builtins.bool
+    """True when retrying the same command cannot succeed."""
+    dispatched: _builtins.bool
+    """True once the broker confirmed the command."""
+    correlation_id: _builtins.str
+    conversation_id: _builtins.str
+    trace_id: _builtins.str
+    """Trace id (32 hex digits) of the SendCallCommand trace."""
+    outcome_event_id: _builtins.str
+    """Id of the outcome event (empty while PENDING)."""
+    @_builtins.property
+    def command(self) -> _call_pb2.CallCommand:
+        """The command as published (unset for a command the gateway did not send)."""
+
+    @_builtins.property
+    def created_at(self) -> _timestamp_pb2.Timestamp: ...
+    @_builtins.property
+    def updated_at(self) -> _timestamp_pb2.Timestamp: ...
+    @_builtins.property
+    def completed_at(self) -> _timestamp_pb2.Timestamp:
+        """When the connector says the outcome happened (unset while PENDING)."""
+
+    @_builtins.property
+    def expires_at(self) -> _timestamp_pb2.Timestamp: ...
+    def __init__(
+        self,
+        *,
+        command_id: _builtins.str = ...,
+        idempotency_key: _builtins.str = ...,
+        state: Global___CallCommandState.ValueType = ...,
+        channel: _builtins.str = ...,
+        provider: _builtins.str = ...,
+        account: _builtins.str = ...,
+        action: _builtins.str = ...,
+        command: _call_pb2.CallCommand | None = ...,
+        call_id: _builtins.str = ...,
+        provider_status: _builtins.str = ...,
+        reason_code: _builtins.str = ...,
+        reason: _builtins.str = ...,
+        permanent: _builtins.bool = ...,
+        dispatched: _builtins.bool = ...,
+        correlation_id: _builtins.str = ...,
+        conversation_id: _builtins.str = ...,
+        trace_id: _builtins.str = ...,
+        outcome_event_id: _builtins.str = ...,
+        created_at: _timestamp_pb2.Timestamp | None = ...,
+        updated_at: _timestamp_pb2.Timestamp | None = ...,
+        completed_at: _timestamp_pb2.Timestamp | None = ...,
+        expires_at: _timestamp_pb2.Timestamp | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["command", b"command", "completed_at", b"completed_at", "created_at", b"created_at", "expires_at", b"expires_at", "updated_at", b"updated_at"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["account", b"account", "action", b"action", "call_id", b"call_id", "channel", b"channel", "command", b"command", "command_id", b"command_id", "completed_at", b"completed_at", "conversation_id", b"conversation_id", "correlation_id", b"correlation_id", "created_at", b"created_at", "dispatched", b"dispatched", "expires_at", b"expires_at", "idempotency_key", b"idempotency_key", "outcome_event_id", b"outcome_event_id", "permanent", b"permanent", "provider", b"provider", "provider_status", b"provider_status", "reason", b"reason", "reason_code", b"reason_code", "state", b"state", "trace_id", b"trace_id", "updated_at", b"updated_at"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___OutboundCallCommand: _TypeAlias = OutboundCallCommand  # noqa: Y015
+
+@_typing.final
+class GetCallCommandRequest(_message.Message):
+    """GetCallCommandRequest names one call command."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    COMMAND_ID_FIELD_NUMBER: _builtins.int
+    command_id: _builtins.str
+    def __init__(
+        self,
+        *,
+        command_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["command_id", b"command_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetCallCommandRequest: _TypeAlias = GetCallCommandRequest  # noqa: Y015
+
+@_typing.final
+class GetCallCommandResponse(_message.Message):
+    """GetCallCommandResponse holds the command and its state."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CALL_COMMAND_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def call_command(self) -> Global___OutboundCallCommand: ...
+    def __init__(
+        self,
+        *,
+        call_command: Global___OutboundCallCommand | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["call_command", b"call_command"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["call_command", b"call_command"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetCallCommandResponse: _TypeAlias = GetCallCommandResponse  # noqa: Y015

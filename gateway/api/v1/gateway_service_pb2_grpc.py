@@ -67,6 +67,16 @@ class GatewayServiceStub:
                 request_serializer=gateway_dot_api_dot_v1_dot_gateway__service__pb2.StreamEventsRequest.SerializeToString,
                 response_deserializer=gateway_dot_api_dot_v1_dot_gateway__service__pb2.StreamEventsResponse.FromString,
                 _registered_method=True)
+        self.SendCallCommand = channel.unary_unary(
+                '/gateway.api.v1.GatewayService/SendCallCommand',
+                request_serializer=gateway_dot_api_dot_v1_dot_gateway__service__pb2.SendCallCommandRequest.SerializeToString,
+                response_deserializer=gateway_dot_api_dot_v1_dot_gateway__service__pb2.SendCallCommandResponse.FromString,
+                _registered_method=True)
+        self.GetCallCommand = channel.unary_unary(
+                '/gateway.api.v1.GatewayService/GetCallCommand',
+                request_serializer=gateway_dot_api_dot_v1_dot_gateway__service__pb2.GetCallCommandRequest.SerializeToString,
+                response_deserializer=gateway_dot_api_dot_v1_dot_gateway__service__pb2.GetCallCommandResponse.FromString,
+                _registered_method=True)
 
 
 class GatewayServiceServicer:
@@ -136,6 +146,37 @@ class GatewayServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def SendCallCommand(self, request, context):
+        """SendCallCommand places a voice call or controls a live one. It validates
+        the command against the target connector's manifest (call_actions),
+        records it as PENDING and publishes it on channels.commands with broker
+        confirms before it returns. The same idempotency_key always returns the
+        same command id and never publishes a second command; the connector
+        executes a command id at most once.
+
+        Errors: INVALID_ARGUMENT (with google.rpc.BadRequest field violations)
+        for a malformed command or an action the connector does not execute;
+        FAILED_PRECONDITION for an unknown or disabled channel or provider, or a
+        connector that executes no call commands; ALREADY_EXISTS for an
+        idempotency_key used with another command, or a command_id already
+        taken; UNAVAILABLE when the broker did not confirm the command (retry
+        with the same idempotency_key).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetCallCommand(self, request, context):
+        """GetCallCommand returns a call command with its state: PENDING until the
+        connector's outcome (a "call.command" event) arrives, then ACCEPTED,
+        FAILED or EXPIRED with the call id and the provider's status. Outcomes of
+        commands the gateway did not send (e.g. from the CLI) are kept too.
+        NOT_FOUND when no command has that id.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_GatewayServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -168,6 +209,16 @@ def add_GatewayServiceServicer_to_server(servicer, server):
                     servicer.StreamEvents,
                     request_deserializer=gateway_dot_api_dot_v1_dot_gateway__service__pb2.StreamEventsRequest.FromString,
                     response_serializer=gateway_dot_api_dot_v1_dot_gateway__service__pb2.StreamEventsResponse.SerializeToString,
+            ),
+            'SendCallCommand': grpc.unary_unary_rpc_method_handler(
+                    servicer.SendCallCommand,
+                    request_deserializer=gateway_dot_api_dot_v1_dot_gateway__service__pb2.SendCallCommandRequest.FromString,
+                    response_serializer=gateway_dot_api_dot_v1_dot_gateway__service__pb2.SendCallCommandResponse.SerializeToString,
+            ),
+            'GetCallCommand': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetCallCommand,
+                    request_deserializer=gateway_dot_api_dot_v1_dot_gateway__service__pb2.GetCallCommandRequest.FromString,
+                    response_serializer=gateway_dot_api_dot_v1_dot_gateway__service__pb2.GetCallCommandResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -335,6 +386,60 @@ class GatewayService:
             '/gateway.api.v1.GatewayService/StreamEvents',
             gateway_dot_api_dot_v1_dot_gateway__service__pb2.StreamEventsRequest.SerializeToString,
             gateway_dot_api_dot_v1_dot_gateway__service__pb2.StreamEventsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SendCallCommand(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/gateway.api.v1.GatewayService/SendCallCommand',
+            gateway_dot_api_dot_v1_dot_gateway__service__pb2.SendCallCommandRequest.SerializeToString,
+            gateway_dot_api_dot_v1_dot_gateway__service__pb2.SendCallCommandResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetCallCommand(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/gateway.api.v1.GatewayService/GetCallCommand',
+            gateway_dot_api_dot_v1_dot_gateway__service__pb2.GetCallCommandRequest.SerializeToString,
+            gateway_dot_api_dot_v1_dot_gateway__service__pb2.GetCallCommandResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -73,6 +73,29 @@ class GatewayServiceStub:
     missed). A stream that reads too slowly ends with RESOURCE_EXHAUSTED and
     one of a stopping gateway with UNAVAILABLE: resume with the last cursor.
     """
+    SendCallCommand: _grpc.UnaryUnaryMultiCallable[_gateway_service_pb2.SendCallCommandRequest, _gateway_service_pb2.SendCallCommandResponse]
+    """SendCallCommand places a voice call or controls a live one. It validates
+    the command against the target connector's manifest (call_actions),
+    records it as PENDING and publishes it on channels.commands with broker
+    confirms before it returns. The same idempotency_key always returns the
+    same command id and never publishes a second command; the connector
+    executes a command id at most once.
+
+    Errors: INVALID_ARGUMENT (with google.rpc.BadRequest field violations)
+    for a malformed command or an action the connector does not execute;
+    FAILED_PRECONDITION for an unknown or disabled channel or provider, or a
+    connector that executes no call commands; ALREADY_EXISTS for an
+    idempotency_key used with another command, or a command_id already
+    taken; UNAVAILABLE when the broker did not confirm the command (retry
+    with the same idempotency_key).
+    """
+    GetCallCommand: _grpc.UnaryUnaryMultiCallable[_gateway_service_pb2.GetCallCommandRequest, _gateway_service_pb2.GetCallCommandResponse]
+    """GetCallCommand returns a call command with its state: PENDING until the
+    connector's outcome (a "call.command" event) arrives, then ACCEPTED,
+    FAILED or EXPIRED with the call id and the provider's status. Outcomes of
+    commands the gateway did not send (e.g. from the CLI) are kept too.
+    NOT_FOUND when no command has that id.
+    """
 
 @_typing.type_check_only
 class GatewayServiceAsyncStub(GatewayServiceStub):
@@ -118,6 +141,29 @@ class GatewayServiceAsyncStub(GatewayServiceStub):
     events after that cursor (resubscribe without a cursor: events were
     missed). A stream that reads too slowly ends with RESOURCE_EXHAUSTED and
     one of a stopping gateway with UNAVAILABLE: resume with the last cursor.
+    """
+    SendCallCommand: _aio.UnaryUnaryMultiCallable[_gateway_service_pb2.SendCallCommandRequest, _gateway_service_pb2.SendCallCommandResponse]  # type: ignore[assignment]
+    """SendCallCommand places a voice call or controls a live one. It validates
+    the command against the target connector's manifest (call_actions),
+    records it as PENDING and publishes it on channels.commands with broker
+    confirms before it returns. The same idempotency_key always returns the
+    same command id and never publishes a second command; the connector
+    executes a command id at most once.
+
+    Errors: INVALID_ARGUMENT (with google.rpc.BadRequest field violations)
+    for a malformed command or an action the connector does not execute;
+    FAILED_PRECONDITION for an unknown or disabled channel or provider, or a
+    connector that executes no call commands; ALREADY_EXISTS for an
+    idempotency_key used with another command, or a command_id already
+    taken; UNAVAILABLE when the broker did not confirm the command (retry
+    with the same idempotency_key).
+    """
+    GetCallCommand: _aio.UnaryUnaryMultiCallable[_gateway_service_pb2.GetCallCommandRequest, _gateway_service_pb2.GetCallCommandResponse]  # type: ignore[assignment]
+    """GetCallCommand returns a call command with its state: PENDING until the
+    connector's outcome (a "call.command" event) arrives, then ACCEPTED,
+    FAILED or EXPIRED with the call id and the provider's status. Outcomes of
+    commands the gateway did not send (e.g. from the CLI) are kept too.
+    NOT_FOUND when no command has that id.
     """
 
 class GatewayServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -197,6 +243,41 @@ class GatewayServiceServicer(metaclass=_abc_1.ABCMeta):
         events after that cursor (resubscribe without a cursor: events were
         missed). A stream that reads too slowly ends with RESOURCE_EXHAUSTED and
         one of a stopping gateway with UNAVAILABLE: resume with the last cursor.
+        """
+
+    @_abc_1.abstractmethod
+    def SendCallCommand(
+        self,
+        request: _gateway_service_pb2.SendCallCommandRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_gateway_service_pb2.SendCallCommandResponse, _abc.Awaitable[_gateway_service_pb2.SendCallCommandResponse]]:
+        """SendCallCommand places a voice call or controls a live one. It validates
+        the command against the target connector's manifest (call_actions),
+        records it as PENDING and publishes it on channels.commands with broker
+        confirms before it returns. The same idempotency_key always returns the
+        same command id and never publishes a second command; the connector
+        executes a command id at most once.
+
+        Errors: INVALID_ARGUMENT (with google.rpc.BadRequest field violations)
+        for a malformed command or an action the connector does not execute;
+        FAILED_PRECONDITION for an unknown or disabled channel or provider, or a
+        connector that executes no call commands; ALREADY_EXISTS for an
+        idempotency_key used with another command, or a command_id already
+        taken; UNAVAILABLE when the broker did not confirm the command (retry
+        with the same idempotency_key).
+        """
+
+    @_abc_1.abstractmethod
+    def GetCallCommand(
+        self,
+        request: _gateway_service_pb2.GetCallCommandRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_gateway_service_pb2.GetCallCommandResponse, _abc.Awaitable[_gateway_service_pb2.GetCallCommandResponse]]:
+        """GetCallCommand returns a call command with its state: PENDING until the
+        connector's outcome (a "call.command" event) arrives, then ACCEPTED,
+        FAILED or EXPIRED with the call id and the provider's status. Outcomes of
+        commands the gateway did not send (e.g. from the CLI) are kept too.
+        NOT_FOUND when no command has that id.
         """
 
 def add_GatewayServiceServicer_to_server(servicer: GatewayServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
