@@ -27,13 +27,16 @@ over real HTTP, with the durable spool enabled (as voice deployments run):
   broker is back; a status callback in the outage is spooled (2xx) or refused
   (503), never 2xx-and-lost; with a stuck broker the answer still comes while
   a status callback waits for its confirm; without a spool an unconfirmed
-  answer event is retried, not lost;
+  answer event is retried, not lost; on the real RabbitMQ behind a cut TCP
+  proxy, the same, with the events on the broker once it is back;
 - call commands through the runtime worker: place, transfer and hang up are
   accepted with the provider's call id; 429 then success, bounded server
   errors, a hang after the create was sent (ambiguous, never placed again), a
   command interrupted mid-call, a redelivered command, an expired command and
-  a hang up of an unknown call, each with exact provider request counts and
-  exactly one outcome;
+  a hang up or transfer of an unknown call, each with exact provider request
+  counts and exactly one outcome; a placed call's progress arrives as outbound
+  CallEvents and a hang up completes it; on the real RabbitMQ a command routes
+  to the connector's call queue, and its outcome and the call's events come back;
 - the manifest: every event type emitted is declared, and ``call_actions``
   implies ``CallControl`` and the ``call.command`` event type.
 
@@ -46,8 +49,10 @@ A new voice provider is done when its subclass passes this suite unchanged::
         def connector_settings(self, api_base_url): ...
         ...
 
-Tests that claim broker behaviour run on the real RabbitMQ (``rabbitmq_url``
-fixture; they fail, never skip, when it is down).
+The checks that claim broker behaviour run on the real RabbitMQ, each in a
+private vhost: the subclass's module makes the ``vhost`` fixture of
+``tests/integration/conftest.py`` available (``from tests.integration.conftest
+import vhost``); they fail, never skip, when the broker is down.
 """
 
 from __future__ import annotations
@@ -61,7 +66,7 @@ from collections.abc import AsyncIterator, Callable, Collection, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any, ClassVar, Literal
+from typing import Any, ClassVar, Literal, Protocol
 
 import aio_pika
 import pytest
@@ -96,7 +101,6 @@ from gateway.testing.conformance import (
     Harness,
     TcpProxy,
     WebhookCall,
-    _stop_consuming_commands,
     check_manifest,
     serve,
 )
@@ -121,6 +125,17 @@ CALL_ACTIONS = frozenset(f.name for f in CallCommand.DESCRIPTOR.oneofs_by_name["
 #: Caller and transfer numbers the default commands use (reserved fictional ranges).
 CALLEE = "+447700900123"
 TRANSFER_TARGET = "+447700900456"
+
+
+class BrokerVhost(Protocol):
+    """A private virtual host on the real RabbitMQ (the ``vhost`` fixture of
+    ``tests/integration/conftest.py``): the suite's RabbitMQ checks own their
+    queues there, so other services on the shared broker neither take their
+    commands nor add to their events."""
+
+    @property
+    def url(self) -> str:
+        """The AMQP URL of the vhost."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -668,19 +683,38 @@ class VoiceConnectorConformance:
     # -- on the real RabbitMQ ------------------------------------------------------------------
 
     @pytest.mark.rabbitmq
+    async def test_rabbitmq_call_command_round_trip(self, vhost: BrokerVhost) -> None:
+        async with self.running(broker_url=vhost.url) as h:
+            # Published confirmed and mandatory: routed to the connector's call queue.
+            command = self.command(place=self.place_call())
+            (outcome,) = await self.execute(h, command)
+            result = outcome.call_command
+            assert result.outcome == Outcome.CALL_COMMAND_OUTCOME_ACCEPTED, result
+            assert set(self.placed_calls(h.provider)) == {result.call_id}
+            # The placed call's progress comes back through the broker too.
+            await h.wait_for(
+                lambda e: of_call(result.call_id)(e) and e.call.state == C.CALL_STATE_ANSWERED, 1
+            )
+            # The same command delivered again: its recorded outcome, no second call.
+            again = await self.execute(h, command, outcomes=2)
+            assert {e.id for e in again} == {outcome.id}
+            assert len(self.creates(h)) == 1
+
+    @pytest.mark.rabbitmq
     async def test_rabbitmq_outage_answer_still_answers_and_events_arrive_once(
-        self, rabbitmq_url: str, unique: str, amqp_connection: aio_pika.abc.AbstractConnection
+        self, vhost: BrokerVhost
     ) -> None:
-        channel = await amqp_connection.channel()
-        queue = await channel.declare_queue(f"voice-conformance.{unique}", auto_delete=False)
-        # Only this connector's events: other publishers may share the broker.
-        await queue.bind(EVENTS_EXCHANGE, routing_key=f"#.{self.connector}")
-        parts = URL(rabbitmq_url)
+        # Our own connection straight to the broker: the service's goes through the proxy.
+        connection = await aio_pika.connect(vhost.url, timeout=5)
         try:
+            channel = await connection.channel()
+            parts = URL(vhost.url)
             async with TcpProxy(parts.host or "127.0.0.1", parts.port or 5672) as proxy:
                 proxied = str(parts.with_port(proxy.port))
                 async with self.running(broker_url=proxied, collect=False) as h:
-                    await _stop_consuming_commands(h.service)
+                    # The service declared the topology in the fresh vhost.
+                    queue = await channel.declare_queue(exclusive=True)
+                    await queue.bind(EVENTS_EXCHANGE, routing_key=f"#.{self.connector}")
                     spool = h.service.spool
                     assert spool is not None
                     call_id = self.new_call_id()
@@ -705,8 +739,7 @@ class VoiceConnectorConformance:
             assert len({e.id for e in events}) == 2, "an event arrived twice"
             assert lifecycle.fold(events) == C.CALL_STATE_COMPLETED
         finally:
-            await queue.delete(if_unused=False, if_empty=False)
-            await channel.close()
+            await connection.close()
 
 
 async def _drain_events(queue: aio_pika.abc.AbstractQueue) -> list[Event]:

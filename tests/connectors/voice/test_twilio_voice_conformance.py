@@ -22,6 +22,7 @@ from tests.connectors.sms.twilio import support as tw
 from tests.connectors.voice.conftest import ACCOUNT_SID, OUR_NUMBER, call_params, call_sid
 from tests.connectors.voice.schemas import check_twiml
 from tests.connectors.voice.test_flow import FLOWS_YAML
+from tests.integration.conftest import vhost  # noqa: F401 - the RabbitMQ checks' fixture
 
 C = CallState
 TOKEN = tw.new_token()

@@ -28,6 +28,7 @@ from gateway.testing.voice_conformance import ProviderCallRequest, VoiceConnecto
 from tests.connectors.voice.schemas import check_ncco
 from tests.connectors.voice.test_flow import FLOWS_YAML
 from tests.connectors.voice.test_vonage_calls import RsaKey
+from tests.integration.conftest import vhost  # noqa: F401 - the RabbitMQ checks' fixture
 
 C = CallState
 APPLICATION_ID = str(uuid.UUID(int=666))
