@@ -122,7 +122,7 @@ SPOOL_SETTINGS: dict[str, Any] = {"enabled": True, "initial_backoff": 0.05, "max
 #: The actions a CallCommand can name (its ``action`` oneof).
 CALL_ACTIONS = frozenset(f.name for f in CallCommand.DESCRIPTOR.oneofs_by_name["action"].fields)
 
-#: Caller and transfer numbers the default commands use (reserved fictional ranges).
+#: The callee and transfer target of the default commands (reserved fictional numbers).
 CALLEE = "+447700900123"
 TRANSFER_TARGET = "+447700900456"
 
