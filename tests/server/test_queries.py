@@ -369,8 +369,11 @@ async def test_health_and_reflection(gateway: Gateway) -> None:
         "ListConnectors",
         "PreviewMessage",
         "StreamEvents",
+        "SendCallCommand",
+        "GetCallCommand",
     ]
     assert "gateway/api/v1/envelope.proto" in by_name
+    assert "gateway/api/v1/call.proto" in by_name
 
 
 async def test_health_follows_the_broker_and_shutdown(tmp_path: Path) -> None:
