@@ -11,12 +11,14 @@ channel-gateway send +4477... -m hi   send through the gateway's gRPC API
 channel-gateway trace <message-id>    a message's status timeline with trace ids
 channel-gateway call place +1415... --say hi --provider twilio   place or control a voice call
 channel-gateway telegram set-webhook <bot>   register a bot's webhook (and secret token)
+channel-gateway spool drain --path F   republish a spool file no service drains, then exit
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import multiprocessing
 import signal
@@ -24,6 +26,7 @@ import sys
 from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta
 from multiprocessing.connection import wait
+from pathlib import Path
 from types import FrameType
 
 from google.protobuf.json_format import MessageToDict
@@ -571,6 +574,106 @@ async def _telegram_set_webhook(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_spool_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    spool = sub.add_parser("spool", help="a service's durable spool (spool.state_dir)")
+    commands = spool.add_subparsers(dest="spool_command", required=True)
+    drain = commands.add_parser(
+        "drain",
+        help="republish every event of a spool file no service drains any more (the volume of "
+        "a replica scaled away, a file moved aside), then exit: 0 when it is empty, 1 when "
+        "events are left at --timeout",
+    )
+    drain.add_argument(
+        "--path",
+        required=True,
+        help="the spool file, e.g. /var/lib/channel-gateway/spool/sms.sqlite",
+    )
+    drain.add_argument(
+        "--broker-url", default=None, help="RabbitMQ URL (default: broker.url of the config)"
+    )
+    drain.add_argument(
+        "--timeout",
+        type=float,
+        default=600.0,
+        help="seconds to keep trying before giving up with events left (default 600)",
+    )
+
+
+def _spool_drain(args: argparse.Namespace) -> int:
+    """``spool drain``: replay a spool file with the services' own drainer until it is empty."""
+    settings = load_config(args.config)
+    configure_logging(settings.telemetry.log_level, settings.telemetry.log_format)
+    path = Path(args.path)
+    if not path.is_file():
+        # Opening creates a spool: a mistyped path must not pass for a drained file.
+        raise ConfigError(f"no spool file at {path}")
+    return asyncio.run(
+        _drain_spool_file(path, settings, args.broker_url or settings.broker.url, args.timeout)
+    )
+
+
+async def _drain_spool_file(
+    path: Path, settings: RuntimeSettings, broker_url: str, timeout: float
+) -> int:
+    """Same replay as a running service (oldest first, publisher confirms, a row
+    deleted only after its confirm, rows leased so a service sharing the file
+    does not publish them at the same time); this only adds the exit once the
+    file holds no event, or at ``timeout``."""
+    from gateway.runtime.spool import Spool, SpoolDrainer, SpoolError
+
+    config = settings.spool
+    spool = Spool(
+        path,
+        max_events=config.max_events,
+        max_bytes=config.max_bytes,
+        lock_timeout=config.lock_timeout,
+    )
+    try:
+        found = await spool.open()
+    except SpoolError as exc:
+        raise ConfigError(f"spool: {exc}") from exc
+    replayed = 0
+    try:
+        if found.events:
+            bus = open_bus(broker_url, connect_timeout=settings.broker.connect_timeout)
+            await bus.connect()
+            drainer = SpoolDrainer(
+                spool,
+                bus,
+                publish_timeout=settings.broker.publish_timeout,
+                batch_size=config.replay_batch,
+                initial_backoff=config.initial_backoff,
+                max_backoff=config.max_backoff,
+            )
+            try:
+                # The exchanges the spooled events name (a service declares them at start).
+                await bus.declare(base_topology())
+                drainer.start()
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(timeout):
+                        # The drainer deletes confirmed rows and refreshes these counts; the
+                        # spool signals no change of them, so they are read a few times a second.
+                        while spool.stats.events:  # noqa: ASYNC110
+                            await asyncio.sleep(0.2)
+            finally:
+                await drainer.stop()
+                replayed = drainer.replayed
+                await bus.close()
+    finally:
+        await spool.close()
+    left = spool.stats.events
+    print(f"{path}: {replayed} of {found.events} events republished, {left} left")
+    if left:
+        print(
+            f"channel-gateway: {left} events are still in {path} after {timeout:g} s; "
+            "see the log ('spool replay paused: broker unavailable', 'spooled event refused by "
+            "the broker') and run it again",
+            file=sys.stderr,
+        )
+        return 1
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Console-script entry point."""
     parser = argparse.ArgumentParser(prog="channel-gateway", description=__doc__.splitlines()[0])
@@ -612,6 +715,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     _add_gateway_commands(sub)
     _add_call_commands(sub)
     _add_telegram_commands(sub)
+    _add_spool_commands(sub)
     args = parser.parse_args(argv)
     try:
         if args.command == "run" and "gateway" in args.selectors:
@@ -628,6 +732,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _call_command(args)
         if args.command == "telegram":
             return asyncio.run(_telegram_set_webhook(args))
+        if args.command == "spool":
+            return _spool_drain(args)
         if args.command == "demo":
             from gateway.demo import run_demo
 

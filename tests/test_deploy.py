@@ -49,6 +49,7 @@ from gateway.runtime.config import (
     HttpSettings,
     RuntimeSettings,
     SendSettings,
+    SpoolSettings,
     TelemetrySettings,
     load_config,
 )
@@ -539,15 +540,44 @@ def _load_all(path: Path) -> list[dict[str, Any]]:
 
 def _k8s(component: str = "sms") -> dict[str, dict[str, Any]]:
     """The manifests of one component (app.kubernetes.io/component), plus the shared ones
-    (no component label: the ConfigMap), by kind."""
+    (no component label: the ConfigMap), by kind; a headless Service (the one a StatefulSet
+    names) is under "HeadlessService"."""
     docs: dict[str, dict[str, Any]] = {}
     for path in sorted((DEPLOY / "k8s").glob("*.yaml")):
         for doc in _load_all(path):
             labels = doc.get("metadata", {}).get("labels", {})
             if labels.get("app.kubernetes.io/component", component) == component:
-                assert doc["kind"] not in docs, f"two {doc['kind']} for {component}"
-                docs[doc["kind"]] = doc
+                kind = doc["kind"]
+                if kind == "Service" and doc["spec"].get("clusterIP") == "None":
+                    kind = "HeadlessService"
+                assert kind not in docs, f"two {kind} for {component}"
+                docs[kind] = doc
     return docs
+
+
+def _workload(docs: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """The component's one Deployment or StatefulSet."""
+    (workload,) = [docs[k] for k in ("Deployment", "StatefulSet") if k in docs]
+    return workload
+
+
+def _spooling_services(example_raw: dict[str, Any]) -> set[str]:
+    """The connector services hosting a connector that spools on outage (so they open a spool
+    file when spool.enabled)."""
+    return {
+        service
+        for service, channels in SERVICE_CHANNELS.items()
+        for name in example_raw["connectors"]
+        if name.split(".")[0] in channels and registry.load(name).spool_on_outage
+    }
+
+
+def _quantity_bytes(quantity: str) -> int:
+    """A Kubernetes storage quantity with a binary suffix (1Gi, 512Mi) in bytes."""
+    match = re.fullmatch(r"(\d+)(Ki|Mi|Gi|Ti)", quantity)
+    assert match is not None, quantity
+    power = "KiMiGiTi".index(match.group(2)) // 2 + 1
+    return int(match.group(1)) << (10 * power)
 
 
 def test_runtime_serves_the_probed_paths() -> None:
@@ -638,8 +668,8 @@ def test_kubernetes_probes_ports_and_secrets_match_the_runtime(
     example_raw: dict[str, Any], component: str
 ) -> None:
     docs = _k8s(component)
-    assert {"Deployment", "Service", "ConfigMap", "PodDisruptionBudget"} <= set(docs)
-    deployment, service = docs["Deployment"], docs["Service"]
+    assert {"Service", "ConfigMap", "PodDisruptionBudget"} <= set(docs)
+    deployment, service = _workload(docs), docs["Service"]
     pod = deployment["spec"]["template"]["spec"]
     (container,) = pod["containers"]
     port = HttpSettings().port
@@ -755,6 +785,152 @@ def test_email_service_publishes_smtp_and_keeps_imap_state(example_raw: dict[str
     # No other component's selector catches email pods.
     for other in ("sms", "social", "voice"):
         assert not _k8s(other)["Service"]["spec"]["selector"].items() <= labels.items()
+
+
+# -- the durable spool --------------------------------------------------------------------------
+
+
+def test_example_config_enables_the_spool_and_the_image_owns_its_directory(
+    example_raw: dict[str, Any], secret_env: dict[str, str]
+) -> None:
+    """The shipped config spools (Twilio does not retry a 5xx: without it a broker outage loses
+    their traffic), every other spool key at its default; the services hosting a connector that
+    spools are exactly the ones the deployments give a volume (sms and voice); the image creates
+    the state directory for the non-root user, so a fresh named volume mounted there is
+    writable."""
+    spool = load_config(EXAMPLE, environ=secret_env).spool
+    assert spool.enabled
+    assert spool.model_copy(update={"enabled": False}) == SpoolSettings()
+    assert spool.path is None  # a file per service under state_dir, named by its channels
+    assert Path(spool.state_dir).is_absolute()
+    assert _spooling_services(example_raw) == {"sms", "voice"}
+    dockerfile = (DEPLOY / "Dockerfile").read_text()
+    assert f"install -d -o 10001 -g 10001 {spool.state_dir}" in dockerfile
+    assert re.search(r"^USER 10001:10001$", dockerfile, re.M)
+
+
+@pytest.mark.parametrize("service", sorted(SERVICE_CHANNELS))
+def test_compose_keeps_each_spooling_service_spool_on_its_own_named_volume(
+    example_raw: dict[str, Any], service: str
+) -> None:
+    compose = yaml.safe_load((DEPLOY / "compose.yaml").read_text())
+    state_dir = SpoolSettings.model_validate(example_raw["spool"]).state_dir
+    mounts = {m.split(":")[1]: m.split(":")[0] for m in compose["services"][service]["volumes"]}
+    if service not in _spooling_services(example_raw):
+        assert state_dir not in mounts  # it opens no spool file
+        return
+    volume = mounts[state_dir]
+    assert volume in compose["volumes"]  # a named volume: kept across restarts and rebuilds
+    assert not volume.startswith((".", "/"))
+    # Never shared with another service: each service's file is its own.
+    for other in _spooling_services(example_raw) - {service}:
+        other_mounts = [m.split(":")[0] for m in compose["services"][other]["volumes"]]
+        assert volume not in other_mounts
+
+
+@pytest.mark.parametrize("component", sorted(SERVICE_CHANNELS))
+def test_kubernetes_spooling_services_are_statefulsets_with_a_claim_at_the_state_dir(
+    example_raw: dict[str, Any], component: str
+) -> None:
+    """A spooled event lives only in its replica's file until the broker is back: the sms and
+    voice pods each get a ReadWriteOnce PersistentVolumeClaim (kept when scaled down) mounted
+    where the config puts the service's spool file, the root filesystem staying read-only."""
+    settings = RuntimeSettings.model_validate(example_raw)
+    docs = _k8s(component)
+    workload = _workload(docs)
+    pod = workload["spec"]["template"]["spec"]
+    (container,) = pod["containers"]
+    assert container["securityContext"]["readOnlyRootFilesystem"] is True
+    mounts = {m["mountPath"]: m["name"] for m in container["volumeMounts"]}
+    state_dir = settings.spool.state_dir
+    if component not in _spooling_services(example_raw):
+        assert workload["kind"] == "Deployment"
+        assert state_dir not in mounts
+        return
+
+    assert workload["kind"] == "StatefulSet"
+    spec = workload["spec"]
+    claims = {c["metadata"]["name"]: c["spec"] for c in spec["volumeClaimTemplates"]}
+    claim = claims[mounts[state_dir]]
+    assert mounts[state_dir] not in {v["name"] for v in pod.get("volumes", [])}  # no emptyDir
+    assert claim["accessModes"] == ["ReadWriteOnce"]
+    # Room for a full spool and SQLite's WAL beside it.
+    storage = _quantity_bytes(claim["resources"]["requests"]["storage"])
+    assert storage >= 2 * settings.spool.max_bytes
+    assert spec["persistentVolumeClaimRetentionPolicy"] == {
+        "whenDeleted": "Retain",
+        "whenScaled": "Retain",
+    }
+    assert pod["securityContext"]["fsGroup"] == pod["securityContext"]["runAsUser"] == 10001
+    # The service's spool file (the channels of its spooling connectors) is on that volume.
+    spooling_channels = [
+        name.split(".")[0]
+        for name in example_raw["connectors"]
+        if name.split(".")[0] in SERVICE_CHANNELS[component] and registry.load(name).spool_on_outage
+    ]
+    assert settings.spool.file_for(spooling_channels).parent == Path(state_dir)
+    assert settings.spool.file_for(spooling_channels).name == f"{component}.sqlite"
+
+    # The governing headless Service selects the same pods as the ClusterIP one.
+    labels = spec["template"]["metadata"]["labels"]
+    headless = docs["HeadlessService"]
+    assert spec["serviceName"] == headless["metadata"]["name"]
+    assert headless["spec"]["selector"] == docs["Service"]["spec"]["selector"]
+    assert headless["spec"]["selector"].items() <= labels.items()
+    assert spec["selector"]["matchLabels"].items() <= labels.items()
+    assert spec["podManagementPolicy"] == "Parallel"  # replicas are interchangeable
+
+
+def test_kubernetes_spool_drain_job_mounts_a_scaled_away_replicas_claim(
+    example_raw: dict[str, Any], tmp_path: Path
+) -> None:
+    """deploy/k8s/ops/spool-drain-job.yaml (applied by hand, not by kustomize): the claim a
+    StatefulSet replica leaves behind, mounted where the config puts the spool, the file the
+    sms service writes, and arguments the CLI accepts."""
+    settings = RuntimeSettings.model_validate(example_raw)
+    (job,) = _load_all(DEPLOY / "k8s" / "ops" / "spool-drain-job.yaml")
+    assert job["kind"] == "Job"
+    kustomization = yaml.safe_load((DEPLOY / "k8s" / "kustomization.yaml").read_text())
+    assert not any(r.startswith("ops") for r in kustomization["resources"])
+    pod = job["spec"]["template"]["spec"]
+    assert pod["restartPolicy"] == "Never"
+    (container,) = pod["containers"]
+    assert container["securityContext"]["readOnlyRootFilesystem"] is True
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    mounts = {m["mountPath"]: m["name"] for m in container["volumeMounts"]}
+    claim_name = volumes[mounts[settings.spool.state_dir]]["persistentVolumeClaim"]["claimName"]
+    sms = _workload(_k8s("sms"))
+    (template,) = sms["spec"]["volumeClaimTemplates"]
+    match = re.fullmatch(
+        rf"{template['metadata']['name']}-{sms['metadata']['name']}-(\d+)", claim_name
+    )
+    assert match is not None, claim_name
+    assert int(match.group(1)) >= sms["spec"]["replicas"]  # an ordinal no longer running
+    args = container["args"]
+    assert args[:2] == ["spool", "drain"]
+    assert Path(args[args.index("--path") + 1]) == settings.spool.file_for(["sms"])
+    # Neither Service routes webhooks to the Job's pod.
+    labels = job["spec"]["template"]["metadata"]["labels"]
+    for component in SERVICE_CHANNELS:
+        assert not _k8s(component)["Service"]["spec"]["selector"].items() <= labels.items()
+    # Same Secret key and config as the services.
+    env = {e["name"]: e for e in container["env"]}
+    sms_env = {e["name"]: e for e in sms["spec"]["template"]["spec"]["containers"][0]["env"]}
+    assert env["CHANNEL_GATEWAY__BROKER__URL"] == sms_env["CHANNEL_GATEWAY__BROKER__URL"]
+    assert env["CHANNEL_GATEWAY_CONFIG"] == sms_env["CHANNEL_GATEWAY_CONFIG"]
+    # The CLI takes these arguments: here the file is missing, which it reports (status 2)
+    # after parsing them (a parse error would print usage instead).
+    result = subprocess.run(
+        [sys.executable, "-m", "gateway.cli", *args],
+        env={k: v for k, v in os.environ.items() if not k.startswith("CHANNEL_GATEWAY")},
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert result.returncode == 2
+    assert f"no spool file at {settings.spool.file_for(['sms'])}" in result.stderr
+    assert "usage:" not in result.stderr
 
 
 def test_compose_broker_user_file_is_valid_definitions(tmp_path: Path) -> None:
@@ -877,7 +1053,7 @@ def test_kubernetes_gateway_probes_grpc_health_and_reads_the_ledger_url_from_a_s
     assert int(env["CHANNEL_GATEWAY__GATEWAY__PORT"]["value"]) == port
     assert int(env["CHANNEL_GATEWAY__GATEWAY__METRICS_PORT"]["value"]) == ports["metrics"]
     # Both URLs carry passwords: from the Secret the SMS service uses too.
-    sms_secret = _k8s("sms")["Deployment"]["spec"]["template"]["spec"]["containers"][0]["env"]
+    sms_secret = _workload(_k8s("sms"))["spec"]["template"]["spec"]["containers"][0]["env"]
     (broker_ref,) = [
         e["valueFrom"]["secretKeyRef"]
         for e in sms_secret
@@ -915,7 +1091,7 @@ def test_kubernetes_gateway_probes_grpc_health_and_reads_the_ledger_url_from_a_s
     assert service["spec"]["selector"].items() <= labels.items()
     assert docs["PodDisruptionBudget"]["spec"]["selector"]["matchLabels"].items() <= labels.items()
     # The SMS selectors must not catch gateway pods (and the other way round).
-    sms_labels = _k8s("sms")["Deployment"]["spec"]["template"]["metadata"]["labels"]
+    sms_labels = _workload(_k8s("sms"))["spec"]["template"]["metadata"]["labels"]
     assert not service["spec"]["selector"].items() <= sms_labels.items()
     (service_port,) = service["spec"]["ports"]
     assert service_port["targetPort"] in (port, "grpc")

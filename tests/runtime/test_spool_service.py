@@ -367,7 +367,9 @@ def test_example_config_lists_every_spool_key_at_its_default() -> None:
     example = Path(__file__).resolve().parents[2] / "deploy" / "config.example.yaml"
     raw = yaml.safe_load(example.read_text())["spool"]
     assert set(raw) == set(SpoolSettings.model_fields)
-    assert SpoolSettings.model_validate(raw) == SpoolSettings()
+    # At the defaults, except enabled: the shipped deployments mount a volume at state_dir
+    # (tests/test_deploy.py checks it), so the example turns the spool on.
+    assert SpoolSettings.model_validate(raw) == SpoolSettings(enabled=True)
 
 
 def test_spool_file_is_per_service_unless_a_path_is_set() -> None:
