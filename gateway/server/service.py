@@ -371,7 +371,6 @@ class GatewayServicer(gateway_service_pb2_grpc.GatewayServiceServicer):
                 span.set_attribute("gateway.idempotent_replay", not created)
                 if created:
                     await self._dispatch_call(prepared.command, context)
-                    record = await self._ledger.get_call_command(record.command_id)
                 elif not record.dispatched and record.pending:
                     record = await self._redispatch_call(record, context)
             except RpcError as exc:
