@@ -881,6 +881,88 @@ def test_kubernetes_spooling_services_are_statefulsets_with_a_claim_at_the_state
     assert spec["podManagementPolicy"] == "Parallel"  # replicas are interchangeable
 
 
+#: Writes and replays the largest event a webhook can carry (http.max_body_bytes) through a
+#: spool file given as argv[1]; run inside the simulated pod filesystem below.
+_SPOOL_PROBE = """
+import asyncio, os, sys
+from gateway.runtime.bus import OutgoingMessage
+from gateway.runtime.spool import Spool
+
+async def main() -> None:
+    spool = Spool(sys.argv[1], max_events=10, max_bytes=2**30)
+    await spool.open()
+    try:
+        body = os.urandom(int(sys.argv[2]))
+        message = OutgoingMessage(body=body, message_id="big", type="gateway.api.v1.Event")
+        await spool.put("sms.twilio", "channels.events", "message.received.sms.twilio", message)
+        (row,) = await spool.lease(1, lease_seconds=30)
+        assert row.message.body == body
+        await spool.delete([row.seq])
+    finally:
+        await spool.close()
+
+asyncio.run(main())
+"""
+
+
+def _spool_on_pod_filesystem(
+    writable_tmp: set[str], unique: str
+) -> subprocess.CompletedProcess[str]:
+    """Run the probe as in a pod with a read-only root filesystem: the state dir writable (a
+    tmpfs standing for the claim), the working directory read-only, and of /tmp and /var/tmp
+    (where SQLite looks for a temporary directory) only those in ``writable_tmp`` writable,
+    as an emptyDir makes them. Needs root for a private mount namespace (unshare -m)."""
+    base = Path("/dev/shm") / f"cg-pod-{unique}"  # outside /tmp, which is remounted
+    state, workdir = base / "state", base / "app"
+    state.mkdir(parents=True)
+    workdir.mkdir()
+    mounts = [f"mount -t tmpfs -o ro tmpfs {workdir}"] + [
+        f"mount -t tmpfs -o {'rw' if d in writable_tmp else 'ro'},size=256m tmpfs {d}"
+        for d in ("/tmp", "/var/tmp")
+    ]
+    size = HttpSettings().max_body_bytes
+    script = " && ".join([*mounts, f"cd {workdir}", f'exec "$0" -c "$1" {state}/sms.sqlite {size}'])
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("TMPDIR", "SQLITE_TMPDIR"))}
+    try:
+        return subprocess.run(
+            ["unshare", "-m", "sh", "-c", script, sys.executable, _SPOOL_PROBE],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+    finally:
+        shutil.rmtree(base)
+
+
+@pytest.mark.parametrize("component", ["sms", "voice"])
+def test_kubernetes_spool_writes_the_largest_event_on_the_read_only_root_filesystem(
+    component: str, unique: str
+) -> None:
+    """SQLite needs a temporary directory for the statement journal of a large write (here a
+    1 MiB event, the webhook body cap); with none writable on the read-only root filesystem the
+    write fails ("disk I/O error") and the webhook gets a 503. The StatefulSets mount an
+    emptyDir at /tmp, and with that the write and its replay succeed; without it (the control
+    run) they fail, which is why the mount is there."""
+    pod = _workload(_k8s(component))["spec"]["template"]["spec"]
+    (container,) = pod["containers"]
+    assert container["securityContext"]["readOnlyRootFilesystem"] is True
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    writable = {
+        m["mountPath"]
+        for m in container["volumeMounts"]
+        if "emptyDir" in volumes.get(m["name"], {}) and not m.get("readOnly")
+    }
+    assert "/tmp" in writable
+
+    result = _spool_on_pod_filesystem(writable, unique)
+    assert result.returncode == 0, result.stderr
+
+    control = _spool_on_pod_filesystem(writable - {"/tmp", "/var/tmp"}, unique)
+    assert control.returncode != 0, "the spool no longer needs a writable /tmp: drop the mount"
+    assert "disk I/O error" in control.stderr
+
+
 def test_kubernetes_spool_drain_job_mounts_a_scaled_away_replicas_claim(
     example_raw: dict[str, Any], tmp_path: Path
 ) -> None:
