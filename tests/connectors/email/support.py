@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import datetime as dt
+import email.feedparser
 import ipaddress
 import time
 from collections.abc import AsyncIterator, Callable, Mapping
@@ -135,6 +136,33 @@ def self_signed(tmp_path: Path, host: str = "localhost") -> tuple[Path, Path]:
         )
     )
     return cert_file, key_file
+
+
+class MimeParsesHere:
+    """Counts MIME parsing done in this process (the service's).
+
+    The email connectors parse mail in a spawned worker process, so a bomb
+    never blocks the event loop; a parse that slipped back onto the loop
+    would feed the stdlib's FeedParser here. Counting that is exact, where a
+    measured loop stall depends on how busy the machine is.
+    """
+
+    def __init__(self) -> None:
+        self.calls = 0
+        self._patch = pytest.MonkeyPatch()
+
+    def __enter__(self) -> MimeParsesHere:
+        original = email.feedparser.FeedParser.feed
+
+        def feed(parser: email.feedparser.FeedParser, data: str) -> None:
+            self.calls += 1
+            original(parser, data)
+
+        self._patch.setattr(email.feedparser.FeedParser, "feed", feed)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._patch.undo()
 
 
 class LagProbe:
