@@ -8,7 +8,6 @@ import contextlib
 import datetime as dt
 import email.feedparser
 import ipaddress
-import time
 from collections.abc import AsyncIterator, Callable, Mapping
 from pathlib import Path
 from typing import Any
@@ -163,26 +162,3 @@ class MimeParsesHere:
 
     def __exit__(self, *exc: object) -> None:
         self._patch.undo()
-
-
-class LagProbe:
-    """Measures event-loop lag: a ticker that should wake every ``interval``."""
-
-    def __init__(self, interval: float = 0.005) -> None:
-        self.interval = interval
-        self.worst = 0.0
-        self._task: asyncio.Task[None] | None = None
-
-    async def _tick(self) -> None:
-        while True:
-            started = time.perf_counter()
-            await asyncio.sleep(self.interval)
-            self.worst = max(self.worst, time.perf_counter() - started - self.interval)
-
-    def __enter__(self) -> LagProbe:
-        self._task = asyncio.get_running_loop().create_task(self._tick())
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        assert self._task is not None
-        self._task.cancel()
