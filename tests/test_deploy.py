@@ -916,10 +916,23 @@ def _spool_on_pod_filesystem(
     state, workdir = base / "state", base / "app"
     state.mkdir(parents=True)
     workdir.mkdir()
-    mounts = [f"mount -t tmpfs -o ro tmpfs {workdir}"] + [
-        f"mount -t tmpfs -o {'rw' if d in writable_tmp else 'ro'},size=256m tmpfs {d}"
-        for d in ("/tmp", "/var/tmp")
-    ]
+    # The checkout and its venv may themselves live under /tmp (a CI clone, say): they are
+    # bound aside first and back into the fresh tmpfs, so the probe still finds its code.
+    masked = ("/tmp", "/var/tmp")
+    keep = sorted(
+        {str(p) for p in (ROOT, Path(sys.prefix)) if any(p.is_relative_to(d) for d in masked)}
+    )
+    mounts = [f"mount -t tmpfs -o ro tmpfs {workdir}"]
+    for i, path in enumerate(keep):
+        (base / f"keep{i}").mkdir()
+        mounts.append(f"mount --bind {path} {base}/keep{i}")
+    for d in masked:
+        mounts.append(f"mount -t tmpfs -o rw,size=256m tmpfs {d}")
+        for i, path in enumerate(keep):
+            if Path(path).is_relative_to(d):
+                mounts += [f"mkdir -p {path}", f"mount --bind {base}/keep{i} {path}"]
+        if d not in writable_tmp:
+            mounts.append(f"mount -o remount,ro {d}")
     size = HttpSettings().max_body_bytes
     script = " && ".join([*mounts, f"cd {workdir}", f'exec "$0" -c "$1" {state}/sms.sqlite {size}'])
     env = {k: v for k, v in os.environ.items() if not k.startswith(("TMPDIR", "SQLITE_TMPDIR"))}
