@@ -29,9 +29,11 @@ import asyncio
 import json
 from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Mapping
 from contextlib import asynccontextmanager
+from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any, TypeVar
+from typing import Any, Generic, TypeVar
 
+from google.protobuf.message import Message
 from google.protobuf.timestamp_pb2 import Timestamp
 from tenacity import (
     AsyncRetrying,
@@ -83,6 +85,7 @@ CALL_COMMAND_EVENT_TYPE = "call.command"
 
 _T = TypeVar("_T")
 _Command = TypeVar("_Command", SendMessageCommand, CallCommand)
+_Result = TypeVar("_Result", bound=Message)
 
 
 def command_topology(spec: ConnectorSpec, delivery_limit: int) -> Topology:
@@ -111,18 +114,36 @@ def _expired(command: SendMessageCommand | CallCommand) -> bool:
     ) < datetime.now(UTC)
 
 
-class CommandGuard:
+@dataclass(frozen=True)
+class Outcome(Generic[_Result]):
+    """A command's outcome as the ledger records it: enough to publish it again."""
+
+    account: str
+    result: _Result
+    attributes: dict[str, str] | None = None
+
+
+class CommandGuard(Generic[_Result]):
     """What every outbound worker needs between the broker and a provider call.
 
     It accepts (or dead-letters) deliveries, runs a command at most once per
     ledger key (claim, live-sender lease, ambiguity after a crash), retries
     transient provider errors and records outcomes before they are published.
+    An outcome's ``result`` (a ``result_type`` message) is recorded under
+    ``field`` of the ledger record.
     """
 
     def __init__(
-        self, spec: ConnectorSpec, ledger: IdempotencyStore, settings: SendSettings
+        self,
+        spec: ConnectorSpec,
+        ledger: IdempotencyStore,
+        settings: SendSettings,
+        *,
+        result_type: type[_Result],
+        field: str,
     ) -> None:
         self._spec, self._ledger, self._settings = spec, ledger, settings
+        self._result_type, self._field = result_type, field
         self._retries = SEND_RETRIES.labels(spec.name)
         self._dead_letters = DEAD_LETTERS.labels(spec.name)
 
@@ -149,7 +170,7 @@ class CommandGuard:
         *,
         repeatable: bool,
         execute: Callable[[], Awaitable[None]],
-        replay: Callable[[dict[str, Any]], Awaitable[None]],
+        replay: Callable[[Outcome[_Result]], Awaitable[None]],
         interrupted: Callable[[], Awaitable[None]],
     ) -> None:
         """Execute the command of ledger key ``key`` unless it was executed before.
@@ -164,7 +185,7 @@ class CommandGuard:
         if claim.state is ClaimState.PENDING:
             claim = await self._await_other_sender(key)
         if claim.state is ClaimState.DONE and claim.value is not None:
-            await replay(json.loads(claim.value))
+            await replay(self._recorded(claim.value))
             return
         if claim.state is ClaimState.PENDING and not repeatable:
             await interrupted()
@@ -172,11 +193,22 @@ class CommandGuard:
         async with self._lease(key):
             await execute()
 
-    async def record(self, key: str, record: Mapping[str, Any]) -> None:
+    async def record(self, key: str, outcome: Outcome[_Result]) -> None:
         """Complete ``key`` with an outcome (before it is published: if the
         publish fails, the redelivered command re-publishes instead of calling
         the provider again)."""
+        record = {
+            "account": outcome.account,
+            self._field: outcome.result.SerializeToString().hex(),
+            "attributes": outcome.attributes or {},
+        }
         await self._ledger.complete(key, json.dumps(record), ttl=self._settings.record_ttl)
+
+    def _recorded(self, value: str) -> Outcome[_Result]:
+        record: dict[str, Any] = json.loads(value)
+        result = self._result_type()
+        result.ParseFromString(bytes.fromhex(record[self._field]))
+        return Outcome(record["account"], result, record.get("attributes"))
 
     async def call_with_retries(self, call: Callable[[], Awaitable[_T]]) -> _T:
         """``call()``, repeated on TransientError with backoff, bounded attempts."""
@@ -313,7 +345,9 @@ class CommandWorker:
         settings: SendSettings,
     ) -> None:
         self._spec, self._connector, self._publisher = spec, connector, publisher
-        self._guard = CommandGuard(spec, ledger, settings)
+        self._guard = CommandGuard(
+            spec, ledger, settings, result_type=DeliveryStatus, field="status"
+        )
         self._sends = {o: SENDS.labels(spec.name, o) for o in ("sent", "failed", "replayed")}
 
     async def handle(self, delivery: Delivery) -> None:
@@ -333,26 +367,17 @@ class CommandWorker:
     async def _process(self, command: SendMessageCommand) -> None:
         key = f"send:{self._spec.name}:{command.message_id}:{command.attempt or 1}"
 
-        async def replay(record: dict[str, Any]) -> None:
-            status = DeliveryStatus()
-            status.ParseFromString(bytes.fromhex(record["status"]))
+        async def replay(outcome: Outcome[DeliveryStatus]) -> None:
             self._sends["replayed"].inc()
             log.info(
                 "command already handled; re-publishing its status", message_id=command.message_id
             )
-            await self._publisher.publish(
-                status_event(
-                    command,
-                    account=record["account"],
-                    status=status,
-                    attributes=record.get("attributes"),
-                )
-            )
+            await self._publish(command, outcome)
 
         async def interrupted() -> None:
             exc = AmbiguousSendError("a previous delivery of this command was interrupted mid-send")
             await self._finish(
-                command, key, account=command.account, status=_failed(exc, permanent=False)
+                command, key, Outcome(command.account, _failed(exc, permanent=False))
             )
 
         await self._guard.run_once(
@@ -366,56 +391,38 @@ class CommandWorker:
     async def _send_claimed(self, command: SendMessageCommand, key: str) -> None:
         """Send a command this worker holds the claim of, and record the outcome."""
         if _expired(command):
-            status = DeliveryStatus(
+            expired = DeliveryStatus(
                 state=DeliveryState.DELIVERY_STATE_EXPIRED,
                 reason_code="ttl_expired",
                 reason="command expired before it was sent",
                 permanent=True,
             )
-            await self._finish(command, key, account=command.account, status=status)
+            await self._finish(command, key, Outcome(command.account, expired))
             return
+        outcome: Outcome[DeliveryStatus]
         try:
             result: SendResult = await self._guard.call_with_retries(
                 lambda: self._connector.send(command)
             )
         except PermanentError as exc:
-            status = _failed(exc, permanent=True)
+            outcome = Outcome(command.account, _failed(exc, permanent=True))
         except (AmbiguousSendError, TransientError) as exc:
-            status = _failed(exc, permanent=False)
+            outcome = Outcome(command.account, _failed(exc, permanent=False))
         else:
-            status = DeliveryStatus(
+            sent = DeliveryStatus(
                 state=result.state,
                 provider_status=result.provider_status,
                 provider_message_id=result.provider_message_id,
                 segments=result.segments,
             )
-            await self._finish(
-                command,
-                key,
-                account=result.account,
-                status=status,
-                attributes=dict(result.attributes),
-            )
-            return
-        await self._finish(command, key, account=command.account, status=status)
+            outcome = Outcome(result.account, sent, dict(result.attributes))
+        await self._finish(command, key, outcome)
 
     async def _finish(
-        self,
-        command: SendMessageCommand,
-        key: str,
-        *,
-        account: str,
-        status: DeliveryStatus,
-        attributes: dict[str, str] | None = None,
+        self, command: SendMessageCommand, key: str, outcome: Outcome[DeliveryStatus]
     ) -> None:
-        await self._guard.record(
-            key,
-            {
-                "account": account,
-                "status": status.SerializeToString().hex(),
-                "attributes": attributes or {},
-            },
-        )
+        await self._guard.record(key, outcome)
+        status = outcome.result
         failed = status.state == DeliveryState.DELIVERY_STATE_FAILED
         self._sends["failed" if failed else "sent"].inc()
         log.info(
@@ -425,8 +432,16 @@ class CommandWorker:
             state=DeliveryState.Name(status.state),
             reason_code=status.reason_code or None,
         )
+        await self._publish(command, outcome)
+
+    async def _publish(self, command: SendMessageCommand, outcome: Outcome[DeliveryStatus]) -> None:
         await self._publisher.publish(
-            status_event(command, account=account, status=status, attributes=attributes)
+            status_event(
+                command,
+                account=outcome.account,
+                status=outcome.result,
+                attributes=outcome.attributes,
+            )
         )
 
 
@@ -516,7 +531,9 @@ class CallCommandWorker:
     ) -> None:
         self._spec, self._connector, self._publisher = spec, connector, publisher
         self._actions = frozenset(actions)
-        self._guard = CommandGuard(spec, ledger, settings)
+        self._guard = CommandGuard(
+            spec, ledger, settings, result_type=CallCommandResult, field="result"
+        )
 
     async def handle(self, delivery: Delivery) -> None:
         """Process one call-command delivery (the bus acks when this returns)."""
@@ -536,22 +553,13 @@ class CallCommandWorker:
     async def _process(self, command: CallCommand) -> None:
         key = f"call:{self._spec.name}:{command.command_id}"
 
-        async def replay(record: dict[str, Any]) -> None:
-            result = CallCommandResult()
-            result.ParseFromString(bytes.fromhex(record["result"]))
+        async def replay(outcome: Outcome[CallCommandResult]) -> None:
             self._count(command, "replayed")
             log.info(
                 "call command already handled; re-publishing its outcome",
                 command_id=command.command_id,
             )
-            await self._publisher.publish(
-                call_command_event(
-                    command,
-                    account=record["account"],
-                    result=result,
-                    attributes=record.get("attributes"),
-                )
-            )
+            await self._publish(command, outcome)
 
         async def interrupted() -> None:
             result = _call_failed(
@@ -560,7 +568,7 @@ class CallCommandWorker:
                 "a previous delivery of this command was interrupted mid-call",
                 permanent=False,
             )
-            await self._finish(command, key, account=command.account, result=result)
+            await self._finish(command, key, Outcome(command.account, result))
 
         await self._guard.run_once(
             key,
@@ -573,6 +581,7 @@ class CallCommandWorker:
     async def _call_claimed(self, command: CallCommand, key: str) -> None:
         """Execute a command this worker holds the claim of, and record the outcome."""
         action = command.WhichOneof("action") or ""
+        account, attributes = command.account, None
         if action not in self._actions:
             result = _call_failed(
                 command,
@@ -604,46 +613,35 @@ class CallCommandWorker:
                     call_id=accepted.call_id,
                     provider_status=accepted.provider_status,
                 )
-                await self._finish(
-                    command,
-                    key,
-                    account=accepted.account,
-                    result=result,
-                    attributes=dict(accepted.attributes),
-                )
-                return
-        await self._finish(command, key, account=command.account, result=result)
+                account, attributes = accepted.account, dict(accepted.attributes)
+        await self._finish(command, key, Outcome(account, result, attributes))
 
     async def _finish(
-        self,
-        command: CallCommand,
-        key: str,
-        *,
-        account: str,
-        result: CallCommandResult,
-        attributes: dict[str, str] | None = None,
+        self, command: CallCommand, key: str, outcome: Outcome[CallCommandResult]
     ) -> None:
-        await self._guard.record(
-            key,
-            {
-                "account": account,
-                "result": result.SerializeToString().hex(),
-                "attributes": attributes or {},
-            },
-        )
-        outcome = CallCommandOutcome.Name(result.outcome).removeprefix("CALL_COMMAND_OUTCOME_")
-        self._count(command, outcome.lower())
+        await self._guard.record(key, outcome)
+        result = outcome.result
+        name = CallCommandOutcome.Name(result.outcome).removeprefix("CALL_COMMAND_OUTCOME_")
+        self._count(command, name.lower())
         log.info(
             "call command finished",
             connector=self._spec.name,
             command_id=command.command_id,
             action=command.WhichOneof("action"),
-            outcome=outcome,
+            outcome=name,
             call_id=result.call_id or None,
             reason_code=result.reason_code or None,
         )
+        await self._publish(command, outcome)
+
+    async def _publish(self, command: CallCommand, outcome: Outcome[CallCommandResult]) -> None:
         await self._publisher.publish(
-            call_command_event(command, account=account, result=result, attributes=attributes)
+            call_command_event(
+                command,
+                account=outcome.account,
+                result=outcome.result,
+                attributes=outcome.attributes,
+            )
         )
 
     def _count(self, command: CallCommand, outcome: str) -> None:
