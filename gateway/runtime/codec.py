@@ -9,8 +9,9 @@ CloudEvents-aware consumer reads them without knowing our proto.
 from __future__ import annotations
 
 from datetime import UTC, datetime
+from typing import TypeVar
 
-from google.protobuf.message import DecodeError
+from google.protobuf.message import DecodeError, Message
 
 from gateway.api.v1.call_pb2 import CallCommand
 from gateway.api.v1.command_pb2 import SendMessageCommand
@@ -27,6 +28,8 @@ CALL_COMMAND_TYPE_NAME = CallCommand.DESCRIPTOR.full_name
 CE_PREFIX = "cloudEvents_"
 #: CloudEvents ``type`` prefix: reverse-DNS of the project plus the event type.
 CE_TYPE_PREFIX = "io.channelgateway."
+
+_Message = TypeVar("_Message", bound=Message)
 
 
 def event_routing_key(event: Event) -> str:
@@ -92,56 +95,66 @@ def encode_event(event: Event) -> OutgoingMessage:
     )
 
 
-def encode_command(command: SendMessageCommand) -> tuple[str, OutgoingMessage]:
-    """A send command and its routing key on ``channels.commands``."""
+def _command_message(
+    command: SendMessageCommand | CallCommand, *, id: str, kind: str, message_id: str
+) -> OutgoingMessage:
+    """A command from the gateway as a persistent AMQP message with CloudEvents
+    (type ``command.<kind>.<channel>``) and trace headers."""
     created = command.created_at.ToDatetime(tzinfo=UTC) if command.HasField("created_at") else None
     headers = _ce_headers(
-        id=command.message_id,
+        id=id,
         source="/channel-gateway/gateway",
-        type=f"command.send.{command.channel}",
+        type=f"command.{kind}.{command.channel}",
         time=created,
         correlation_id=command.correlation_id,
         sequence=0,
     )
     inject_trace_headers(headers)
-    message = OutgoingMessage(
+    return OutgoingMessage(
         body=command.SerializeToString(),
-        # One message id per attempt: a retry is a new command.
-        message_id=f"{command.message_id}:{command.attempt or 1}",
-        type=COMMAND_TYPE_NAME,
+        message_id=message_id,
+        type=command.DESCRIPTOR.full_name,
         headers=headers,
         timestamp=created,
         correlation_id=command.correlation_id or None,
     )
+
+
+def encode_command(command: SendMessageCommand) -> tuple[str, OutgoingMessage]:
+    """A send command and its routing key on ``channels.commands``."""
+    message = _command_message(
+        command,
+        id=command.message_id,
+        kind="send",
+        # One message id per attempt: a retry is a new command.
+        message_id=f"{command.message_id}:{command.attempt or 1}",
+    )
     return command_routing_key(command.channel, command.provider), message
 
 
-def _check_type(delivery: Delivery, expected: str) -> None:
+def _parse(delivery: Delivery, message: _Message, what: str) -> _Message:
+    """``message`` parsed from the delivery's body, after its AMQP type and
+    content type are checked; anything off is a BadRequestError (dead-lettered)."""
+    expected = message.DESCRIPTOR.full_name
     if delivery.type and delivery.type != expected:
         raise BadRequestError(f"expected AMQP type {expected}, got {delivery.type}")
     if delivery.content_type and delivery.content_type != CONTENT_TYPE:
         raise BadRequestError(f"expected content type {CONTENT_TYPE}, got {delivery.content_type}")
+    try:
+        message.ParseFromString(delivery.body)
+    except DecodeError as exc:
+        raise BadRequestError(f"undecodable {what} body: {exc}") from exc
+    return message
 
 
 def decode_event(delivery: Delivery) -> Event:
     """The event in a delivery; a malformed body is a BadRequestError (dead-lettered)."""
-    _check_type(delivery, EVENT_TYPE_NAME)
-    event = Event()
-    try:
-        event.ParseFromString(delivery.body)
-    except DecodeError as exc:
-        raise BadRequestError(f"undecodable event body: {exc}") from exc
-    return event
+    return _parse(delivery, Event(), "event")
 
 
 def decode_command(delivery: Delivery) -> SendMessageCommand:
     """The send command in a delivery; a malformed body is a BadRequestError."""
-    _check_type(delivery, COMMAND_TYPE_NAME)
-    command = SendMessageCommand()
-    try:
-        command.ParseFromString(delivery.body)
-    except DecodeError as exc:
-        raise BadRequestError(f"undecodable command body: {exc}") from exc
+    command = _parse(delivery, SendMessageCommand(), "command")
     if not command.message_id or not command.channel or not command.provider:
         raise BadRequestError("command lacks message_id, channel or provider")
     return command
@@ -149,35 +162,15 @@ def decode_command(delivery: Delivery) -> SendMessageCommand:
 
 def encode_call_command(command: CallCommand) -> tuple[str, OutgoingMessage]:
     """A call command and its routing key on ``channels.commands``."""
-    created = command.created_at.ToDatetime(tzinfo=UTC) if command.HasField("created_at") else None
-    headers = _ce_headers(
-        id=command.command_id,
-        source="/channel-gateway/gateway",
-        type=f"command.call.{command.channel}",
-        time=created,
-        correlation_id=command.correlation_id,
-        sequence=0,
-    )
-    inject_trace_headers(headers)
-    message = OutgoingMessage(
-        body=command.SerializeToString(),
-        message_id=command.command_id,
-        type=CALL_COMMAND_TYPE_NAME,
-        headers=headers,
-        timestamp=created,
-        correlation_id=command.correlation_id or None,
+    message = _command_message(
+        command, id=command.command_id, kind="call", message_id=command.command_id
     )
     return call_command_routing_key(command.channel, command.provider), message
 
 
 def decode_call_command(delivery: Delivery) -> CallCommand:
     """The call command in a delivery; a malformed or action-less body is a BadRequestError."""
-    _check_type(delivery, CALL_COMMAND_TYPE_NAME)
-    command = CallCommand()
-    try:
-        command.ParseFromString(delivery.body)
-    except DecodeError as exc:
-        raise BadRequestError(f"undecodable call command body: {exc}") from exc
+    command = _parse(delivery, CallCommand(), "call command")
     if not command.command_id or not command.channel or not command.provider:
         raise BadRequestError("call command lacks command_id, channel or provider")
     if command.WhichOneof("action") is None:
