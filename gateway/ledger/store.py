@@ -21,6 +21,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import time
+import weakref
 from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from dataclasses import dataclass, replace
 from datetime import datetime
@@ -178,7 +180,10 @@ class Ledger:
         Concurrent calls from several processes on PostgreSQL serialise on an
         advisory lock.
         """
-        async with self._write() as conn:
+        # alembic keeps its migration context in module globals: two upgrades
+        # interleaving in one process (two ledgers on one event loop) would
+        # overwrite each other's, so they take turns here as well.
+        async with _migration_lock(), self._write() as conn:
             if self.dialect == "postgresql":
                 await conn.exec_driver_sql("SELECT pg_advisory_xact_lock(7243011)")
             await conn.run_sync(_run_migrations)
@@ -969,6 +974,20 @@ def _is_conflict(exc: DBAPIError) -> bool:
     return state in _CONFLICT_STATES
 
 
+_MIGRATION_LOCKS: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, asyncio.Lock] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+def _migration_lock() -> asyncio.Lock:
+    """This event loop's lock around alembic upgrades (an asyncio lock serves one loop)."""
+    loop = asyncio.get_running_loop()
+    lock = _MIGRATION_LOCKS.get(loop)
+    if lock is None:
+        lock = _MIGRATION_LOCKS[loop] = asyncio.Lock()
+    return lock
+
+
 def _run_migrations(connection: SyncConnection) -> None:
     config = AlembicConfig()
     config.set_main_option("script_location", str(_MIGRATIONS))
@@ -987,6 +1006,33 @@ class _Drained:
     released: list[Applied]
 
 
+#: How long a connection keeps trying to switch a new database file to WAL.
+_WAL_SWITCH_SECONDS = 10.0
+
+
+def _enable_wal(cursor: Any) -> None:
+    """Put the database in WAL mode (persistent: once per file).
+
+    Switching needs the database to itself, and SQLite answers "database is
+    locked" at once, busy timeout or not, while another process holds a
+    write lock on a file not yet in WAL mode (two replicas creating the
+    ledger together). That only happens on a new file, so the switch is
+    retried for a while; an existing WAL file is only read.
+    """
+    deadline = time.monotonic() + _WAL_SWITCH_SECONDS
+    while True:
+        cursor.execute("PRAGMA journal_mode")
+        if str(cursor.fetchone()[0]).lower() == "wal":
+            return
+        try:
+            cursor.execute("PRAGMA journal_mode=WAL")
+            return
+        except Exception as exc:  # the DB-API's OperationalError, through the async adapter
+            if "locked" not in str(exc) or time.monotonic() > deadline:
+                raise
+        time.sleep(0.05)
+
+
 def _sqlite_setup(engine: AsyncEngine) -> None:
     """WAL, a busy timeout and BEGIN IMMEDIATE for writes, so writers from several
     processes queue instead of failing, and reads do not block them."""
@@ -996,9 +1042,11 @@ def _sqlite_setup(engine: AsyncEngine) -> None:
         # Let SQLAlchemy emit BEGIN itself (pysqlite's implicit BEGIN is DEFERRED).
         dbapi_connection.isolation_level = None
         cursor = dbapi_connection.cursor()
-        cursor.execute("PRAGMA journal_mode=WAL")
-        cursor.execute("PRAGMA synchronous=NORMAL")
+        # The busy timeout first: every statement below may meet another
+        # process's lock.
         cursor.execute("PRAGMA busy_timeout=10000")
+        _enable_wal(cursor)
+        cursor.execute("PRAGMA synchronous=NORMAL")
         cursor.execute("PRAGMA foreign_keys=ON")
         cursor.close()
 

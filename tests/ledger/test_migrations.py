@@ -4,6 +4,8 @@ backends, and migrating is idempotent and safe to run from several replicas at o
 from __future__ import annotations
 
 import asyncio
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -44,6 +46,36 @@ async def test_migrations_match_the_schema(backend: Backend) -> None:
         await replica.close()
     assert {t.name for t in metadata.sorted_tables} <= tables
     assert version == "0003"
+
+
+_MIGRATE = (
+    "import asyncio, sys\n"
+    "from gateway.ledger import open_ledger\n"
+    "async def main():\n"
+    "    ledger = open_ledger(sys.argv[1])\n"
+    "    await ledger.migrate()\n"
+    "    await ledger.close()\n"
+    "asyncio.run(main())\n"
+)
+
+
+def test_replica_processes_create_a_new_sqlite_ledger_together(tmp_path: Path) -> None:
+    # Separate processes racing on a file that does not exist yet: the switch
+    # to WAL meets the other's write lock, which SQLite reports at once.
+    for attempt in range(4):
+        url = f"sqlite+aiosqlite:///{tmp_path}/ledger-{attempt}.db"
+        replicas = [
+            subprocess.Popen(
+                [sys.executable, "-c", _MIGRATE, url],
+                stderr=subprocess.PIPE,
+                text=True,
+                cwd=Path(__file__).resolve().parents[2],
+            )
+            for _ in range(3)
+        ]
+        for replica in replicas:
+            _, err = replica.communicate(timeout=60)
+            assert replica.returncode == 0, err
 
 
 @pytest.mark.parametrize(
