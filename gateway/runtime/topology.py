@@ -109,14 +109,21 @@ def command_queue_name(channel: str, provider: str) -> str:
     return f"connector.{channel}.{provider}.send"
 
 
+def _connector_command_queue(name: str, routing_key: str, delivery_limit: int) -> Queue:
+    """A connector's quorum, dead-lettered queue of the commands routed ``routing_key``."""
+    return Queue(
+        name=name,
+        bindings=(Binding(exchange=COMMANDS_EXCHANGE, routing_key=routing_key),),
+        delivery_limit=delivery_limit,
+    )
+
+
 def command_queue(channel: str, provider: str, delivery_limit: int) -> Queue:
     """The quorum, dead-lettered command queue of one connector."""
-    return Queue(
-        name=command_queue_name(channel, provider),
-        bindings=(
-            Binding(exchange=COMMANDS_EXCHANGE, routing_key=command_routing_key(channel, provider)),
-        ),
-        delivery_limit=delivery_limit,
+    return _connector_command_queue(
+        command_queue_name(channel, provider),
+        command_routing_key(channel, provider),
+        delivery_limit,
     )
 
 
@@ -132,15 +139,10 @@ def call_command_queue_name(channel: str, provider: str) -> str:
 
 def call_command_queue(channel: str, provider: str, delivery_limit: int) -> Queue:
     """The quorum, dead-lettered call-command queue of one voice connector."""
-    return Queue(
-        name=call_command_queue_name(channel, provider),
-        bindings=(
-            Binding(
-                exchange=COMMANDS_EXCHANGE,
-                routing_key=call_command_routing_key(channel, provider),
-            ),
-        ),
-        delivery_limit=delivery_limit,
+    return _connector_command_queue(
+        call_command_queue_name(channel, provider),
+        call_command_routing_key(channel, provider),
+        delivery_limit,
     )
 
 
