@@ -39,10 +39,11 @@ import re
 import xml.etree.ElementTree as ET
 from collections.abc import Mapping
 from enum import StrEnum
-from typing import Any, Literal, Protocol, Self, cast
+from typing import Annotated, Any, Literal, Protocol, Self, cast
 
 import yaml
 from pydantic import (
+    AfterValidator,
     BaseModel,
     ConfigDict,
     Field,
@@ -54,6 +55,17 @@ from pydantic import (
 from gateway.contract import BadRequestError, ConfigError, normalize_phone
 
 _NAME = r"^[A-Za-z0-9_.-]{1,64}$"
+
+
+def _e164(value: str) -> str:
+    try:
+        return normalize_phone(value)
+    except BadRequestError as exc:
+        raise ValueError(str(exc)) from exc
+
+
+#: A phone number in voice config, normalized to E.164 (anything else is a config error).
+PhoneNumber = Annotated[str, AfterValidator(_e164)]
 
 
 class _Action(BaseModel):
@@ -157,28 +169,18 @@ class ForwardSpec(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    number: str | None = None
+    number: PhoneNumber | None = None
     sip: str | None = Field(default=None, pattern=r"^sips?:[^\s<>]+$")
     #: Seconds to ring before giving up.
     timeout: int = Field(default=30, ge=5, le=600)
     #: Caller id shown to the callee (one of our numbers).
-    caller_id: str | None = None
+    caller_id: PhoneNumber | None = None
 
     @model_validator(mode="after")
     def _one_target(self) -> Self:
         if (self.number is None) == (self.sip is None):
             raise ValueError("forward needs exactly one of number or sip")
         return self
-
-    @field_validator("number", "caller_id")
-    @classmethod
-    def _e164(cls, value: str | None) -> str | None:
-        if value is None:
-            return None
-        try:
-            return normalize_phone(value)
-        except (BadRequestError, ValueError) as exc:
-            raise ValueError(str(exc)) from exc
 
 
 class Forward(_Action):

@@ -49,7 +49,7 @@ from typing import Self
 from urllib.parse import urlencode
 
 from multidict import MultiMapping
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from connectors.sms.twilio import webhooks
 from connectors.sms.twilio.client import DEFAULT_API_BASE
@@ -59,11 +59,11 @@ from connectors.voice.flow import (
     EnqueueSpec,
     ForwardSpec,
     Gather,
+    PhoneNumber,
     Play,
     Prompt,
     Record,
     Say,
-    VoiceFlows,
     hold_step,
     render_dial_twiml,
     render_enqueue_twiml,
@@ -71,6 +71,7 @@ from connectors.voice.flow import (
     render_speak_twiml,
     render_twiml,
 )
+from connectors.voice.settings import VoiceSettings
 from connectors.voice.twilio import mapping
 from connectors.voice.twilio.client import TwilioCallsClient
 from gateway.api.v1.call_pb2 import (
@@ -120,44 +121,14 @@ class TwilioVoiceAccount(BaseModel):
     account_sid: str = Field(pattern=r"^AC[0-9a-fA-F]{32}$")
     auth_token: Secret
     #: Our number (E.164) that places calls when a command names no ``from``.
-    caller_number: str | None = None
-
-    @field_validator("caller_number")
-    @classmethod
-    def _e164(cls, value: str | None) -> str | None:
-        if value is None:
-            return None
-        try:
-            return normalize_phone(value)
-        except BadRequestError as exc:
-            raise ValueError(str(exc)) from exc
+    caller_number: PhoneNumber | None = None
 
 
-class TwilioVoiceSettings(BaseModel):
+class TwilioVoiceSettings(VoiceSettings[TwilioVoiceAccount]):
     """``connectors.voice.twilio`` config section."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    accounts: dict[str, TwilioVoiceAccount] = Field(min_length=1)
-    #: The call flows (see :mod:`connectors.voice.flow`) and which number runs which.
-    call_flows: VoiceFlows
-    #: Seconds an answer webhook waits for its events' confirm before answering
-    #: anyway (the rest is retried in the background).
-    answer_publish_wait: float = Field(default=0.05, ge=0, le=2)
-    #: Unconfirmed answer-event batches kept for retry before new ones are dropped.
-    max_pending_events: int = Field(default=10_000, ge=1)
-    #: Seconds ``stop`` waits for unconfirmed answer events.
-    drain_timeout: float = Field(default=5.0, ge=0)
     #: Twilio REST API base (a fake in tests).
     api_base_url: str = DEFAULT_API_BASE
-    #: Account of a call command that names none (default: the first account).
-    default_account: str | None = None
-
-    @model_validator(mode="after")
-    def _known_default(self) -> Self:
-        if self.default_account is not None and self.default_account not in self.accounts:
-            raise ValueError(f"default_account {self.default_account!r} is not in accounts")
-        return self
 
 
 MANIFEST = ConnectorManifest(
@@ -287,9 +258,7 @@ class TwilioVoiceConnector:
         )
 
     def _account_for(self, command: CallCommand) -> str:
-        key = (
-            command.account or self._settings.default_account or next(iter(self._settings.accounts))
-        )
+        key = self._settings.command_account(command.account)
         if key not in self._settings.accounts:
             raise PermanentError(f"unknown twilio account {key!r}", code="unknown_account")
         return key

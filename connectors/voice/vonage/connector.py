@@ -40,12 +40,13 @@ from collections.abc import Mapping, Sequence
 from typing import Any, Self
 from urllib.parse import urlencode
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field
 
 from connectors.sms.vonage import webhooks
 from connectors.sms.vonage.client import ApplicationJwt
 from connectors.voice.answering import AnswerEvents
-from connectors.voice.flow import Callback, Gather, Record, VoiceFlows, ncco_json, render_ncco
+from connectors.voice.flow import Callback, Gather, PhoneNumber, Record, ncco_json, render_ncco
+from connectors.voice.settings import VoiceSettings
 from connectors.voice.vonage import commands, mapping
 from connectors.voice.vonage.client import DEFAULT_API_BASE, VonageVoiceClient
 from gateway.api.v1.call_pb2 import (
@@ -72,7 +73,6 @@ from gateway.contract import (
     WebhookReply,
     WebhookRequest,
     WebhookRoute,
-    normalize_phone,
 )
 
 JSON = "application/json"
@@ -92,39 +92,14 @@ class VonageVoiceAccount(BaseModel):
     private_key: Secret | None = None
     #: Caller id (E.164, one of the application's numbers) of placed calls that
     #: name none and of transfers; None lets Vonage pick one (random_from_number).
-    caller_number: str | None = None
-
-    @field_validator("caller_number")
-    @classmethod
-    def _e164(cls, value: str | None) -> str | None:
-        if value is None:
-            return None
-        try:
-            return normalize_phone(value)
-        except BadRequestError as exc:
-            raise ValueError(str(exc)) from exc
+    caller_number: PhoneNumber | None = None
 
 
-class VonageVoiceSettings(BaseModel):
+class VonageVoiceSettings(VoiceSettings[VonageVoiceAccount]):
     """``connectors.voice.vonage`` config section."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    accounts: dict[str, VonageVoiceAccount] = Field(min_length=1)
-    call_flows: VoiceFlows
     #: Voice API base URL (calls placed and controlled).
     api_base_url: str = DEFAULT_API_BASE
-    #: Account of call commands that name none (default: the first account).
-    default_account: str | None = None
-    answer_publish_wait: float = Field(default=0.05, ge=0, le=2)
-    max_pending_events: int = Field(default=10_000, ge=1)
-    drain_timeout: float = Field(default=5.0, ge=0)
-
-    @model_validator(mode="after")
-    def _default_known(self) -> Self:
-        if self.default_account is not None and self.default_account not in self.accounts:
-            raise ValueError(f"default_account {self.default_account!r} is not in accounts")
-        return self
 
 
 MANIFEST = ConnectorManifest(
@@ -216,7 +191,7 @@ class VonageVoiceConnector:
         raise PermanentError("the call command names no action", code="invalid_command")
 
     def _account_key(self, requested: str) -> str:
-        key = requested or self._settings.default_account or next(iter(self._settings.accounts))
+        key = self._settings.command_account(requested)
         if key not in self._settings.accounts:
             raise PermanentError(f"unknown voice.vonage account {key!r}", code="unknown_account")
         return key
