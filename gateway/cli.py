@@ -619,32 +619,15 @@ async def _drain_spool_file(
     deleted only after its confirm, rows leased so a service sharing the file
     does not publish them at the same time); this only adds the exit once the
     file holds no event, or at ``timeout``."""
-    from gateway.runtime.spool import Spool, SpoolDrainer, SpoolError
+    from gateway.runtime.spool import configured_drainer, open_spool
 
-    config = settings.spool
-    spool = Spool(
-        path,
-        max_events=config.max_events,
-        max_bytes=config.max_bytes,
-        lock_timeout=config.lock_timeout,
-    )
-    try:
-        found = await spool.open()
-    except SpoolError as exc:
-        raise ConfigError(f"spool: {exc}") from exc
+    spool, found = await open_spool(path, settings.spool)
     replayed = 0
     try:
         if found.events:
             bus = open_bus(broker_url, connect_timeout=settings.broker.connect_timeout)
             await bus.connect()
-            drainer = SpoolDrainer(
-                spool,
-                bus,
-                publish_timeout=settings.broker.publish_timeout,
-                batch_size=config.replay_batch,
-                initial_backoff=config.initial_backoff,
-                max_backoff=config.max_backoff,
-            )
+            drainer = configured_drainer(spool, bus, settings)
             try:
                 # The exchanges the spooled events name (a service declares them at start).
                 await bus.declare(base_topology())

@@ -32,7 +32,7 @@ from gateway.runtime.ingress import MountedConnector, Readiness, build_app, rout
 from gateway.runtime.memory_bus import InMemoryBus
 from gateway.runtime.outbound import CallCommandWorker, CommandWorker, command_topology
 from gateway.runtime.publisher import EventPublisher
-from gateway.runtime.spool import Spool, SpoolDrainer, SpoolError
+from gateway.runtime.spool import Spool, SpoolDrainer, configured_drainer, open_spool
 from gateway.runtime.telemetry import ensure_tracing, get_logger
 from gateway.runtime.topology import (
     DEAD_EXCHANGE,
@@ -292,25 +292,8 @@ class Service:
         if not config.enabled or not spooling:
             return
         path = config.file_for([spec.channel for spec in spooling])
-        spool = Spool(
-            path,
-            max_events=config.max_events,
-            max_bytes=config.max_bytes,
-            lock_timeout=config.lock_timeout,
-        )
-        try:
-            left = await spool.open()
-        except SpoolError as exc:
-            raise ConfigError(f"spool: {exc}") from exc
-        self.spool = spool
-        self._drainer = SpoolDrainer(
-            spool,
-            self.bus,
-            publish_timeout=self.settings.broker.publish_timeout,
-            batch_size=config.replay_batch,
-            initial_backoff=config.initial_backoff,
-            max_backoff=config.max_backoff,
-        )
+        self.spool, left = await open_spool(path, config)
+        self._drainer = configured_drainer(self.spool, self.bus, self.settings)
         self._drainer.start()
         log.info(
             "spool open",

@@ -41,7 +41,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any, TypeVar
 
-from gateway.contract.errors import TransientError
+from gateway.contract.errors import ConfigError, TransientError
 from gateway.runtime.bus import (
     BrokerUnavailableError,
     Bus,
@@ -49,6 +49,7 @@ from gateway.runtime.bus import (
     OutgoingMessage,
     PublishTimeoutError,
 )
+from gateway.runtime.config import RuntimeSettings, SpoolSettings
 from gateway.runtime.telemetry import (
     SPOOL_BYTES,
     SPOOL_DEPTH,
@@ -696,3 +697,33 @@ class SpoolDrainer:
                 left=self._spool.stats.events,
             )
         return not broker_down
+
+
+async def open_spool(path: Path, config: SpoolSettings) -> tuple[Spool, SpoolStats]:
+    """The spool file at ``path`` opened with the configured bounds, and what it
+    holds; a file that cannot be opened (locked, corrupt, not writable) is a
+    ConfigError: the process must not start as if it had a spool."""
+    spool = Spool(
+        path,
+        max_events=config.max_events,
+        max_bytes=config.max_bytes,
+        lock_timeout=config.lock_timeout,
+    )
+    try:
+        found = await spool.open()
+    except SpoolError as exc:
+        raise ConfigError(f"spool: {exc}") from exc
+    return spool, found
+
+
+def configured_drainer(spool: Spool, bus: Bus, settings: RuntimeSettings) -> SpoolDrainer:
+    """A drainer of ``spool`` to ``bus`` with the configured batch size, replay
+    backoff and broker publish timeout (a service's and ``spool drain``'s)."""
+    return SpoolDrainer(
+        spool,
+        bus,
+        publish_timeout=settings.broker.publish_timeout,
+        batch_size=settings.spool.replay_batch,
+        initial_backoff=settings.spool.initial_backoff,
+        max_backoff=settings.spool.max_backoff,
+    )
