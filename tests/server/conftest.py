@@ -13,6 +13,7 @@ from urllib.parse import quote, urlsplit, urlunsplit
 
 import pytest
 from grpc import aio
+from sqlalchemy.ext.asyncio import create_async_engine
 
 from gateway.api.v1.gateway_service_pb2_grpc import GatewayServiceStub
 from gateway.runtime.config import RuntimeSettings
@@ -117,3 +118,19 @@ def vhost_url(rabbitmq_url: str, unique: str) -> Iterator[str]:
         yield urlunsplit(parts._replace(path="/" + quote(name, safe="")))
     finally:
         _rabbitmqctl("delete_vhost", name)
+
+
+@pytest.fixture
+async def pg_schema(postgres_url: str, unique: str) -> AsyncIterator[tuple[str, str]]:
+    """(asyncpg URL, a fresh schema) on the real PostgreSQL; dropped afterwards."""
+    url = "postgresql+asyncpg://" + postgres_url.split("://", 1)[1]
+    schema = f"gateway_test_{unique}"
+    admin = create_async_engine(url)
+    try:
+        async with admin.begin() as conn:
+            await conn.exec_driver_sql(f'CREATE SCHEMA "{schema}"')
+        yield url, schema
+    finally:
+        async with admin.begin() as conn:
+            await conn.exec_driver_sql(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
+        await admin.dispose()
