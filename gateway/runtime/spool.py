@@ -34,7 +34,7 @@ import contextlib
 import json
 import sqlite3
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import datetime
@@ -416,60 +416,56 @@ class Spool:
             raise SpoolError(f"spool {self.path} is not open")
         return self._db
 
-    def _insert(self, rows: list[tuple[Any, ...]]) -> tuple[list[int | None], SpoolStats]:
+    @contextlib.contextmanager
+    def _transaction(self, doing: str) -> Iterator[sqlite3.Connection]:
+        """A write transaction (IMMEDIATE: other processes wait up to the lock
+        timeout), committed when the block ends and rolled back when it raises;
+        a SQLite error becomes a SpoolError saying what was being ``doing``."""
         db = self._conn()
-        now = time.time()
         try:
             db.execute("BEGIN IMMEDIATE")
             try:
-                # Read inside the write transaction: another process's rows count.
-                events, size = db.execute(
-                    "SELECT events, bytes FROM totals WHERE id = 1"
-                ).fetchone()
-                seqs: list[int | None] = []
-                for row in rows:
-                    if events + 1 > self.max_events or size + row[-1] > self.max_bytes:
-                        seqs.append(None)
-                        continue
-                    cursor = db.execute(
-                        "INSERT INTO spool (connector, exchange, routing_key, message_id, type, "
-                        "content_type, headers, timestamp, correlation_id, body, size, "
-                        "spooled_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                        (*row, now),
-                    )
-                    seqs.append(cursor.lastrowid)
-                    events, size = events + 1, size + row[-1]
+                yield db
                 db.execute("COMMIT")
             except BaseException:
                 if db.in_transaction:
                     db.execute("ROLLBACK")
                 raise
         except sqlite3.Error as exc:
-            raise self._error(exc, "writing") from exc
+            raise self._error(exc, doing) from exc
+
+    def _insert(self, rows: list[tuple[Any, ...]]) -> tuple[list[int | None], SpoolStats]:
+        now = time.time()
+        with self._transaction("writing") as db:
+            # Read inside the write transaction: another process's rows count.
+            events, size = db.execute("SELECT events, bytes FROM totals WHERE id = 1").fetchone()
+            seqs: list[int | None] = []
+            for row in rows:
+                if events + 1 > self.max_events or size + row[-1] > self.max_bytes:
+                    seqs.append(None)
+                    continue
+                cursor = db.execute(
+                    "INSERT INTO spool (connector, exchange, routing_key, message_id, type, "
+                    "content_type, headers, timestamp, correlation_id, body, size, "
+                    "spooled_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    (*row, now),
+                )
+                seqs.append(cursor.lastrowid)
+                events, size = events + 1, size + row[-1]
         return seqs, SpoolStats(events, size)
 
     def _lease(self, limit: int, lease_seconds: float) -> list[SpooledMessage]:
-        db = self._conn()
         now = time.time()
-        try:
-            db.execute("BEGIN IMMEDIATE")
-            try:
-                rows = db.execute(
-                    f"SELECT {_COLUMNS} FROM spool WHERE not_before <= ? ORDER BY seq LIMIT ?",
-                    (now, limit),
-                ).fetchall()
-                if rows:
-                    db.executemany(
-                        "UPDATE spool SET not_before = ?, attempts = attempts + 1 WHERE seq = ?",
-                        [(now + lease_seconds, row[0]) for row in rows],
-                    )
-                db.execute("COMMIT")
-            except BaseException:
-                if db.in_transaction:
-                    db.execute("ROLLBACK")
-                raise
-        except sqlite3.Error as exc:
-            raise self._error(exc, "reading") from exc
+        with self._transaction("reading") as db:
+            rows = db.execute(
+                f"SELECT {_COLUMNS} FROM spool WHERE not_before <= ? ORDER BY seq LIMIT ?",
+                (now, limit),
+            ).fetchall()
+            if rows:
+                db.executemany(
+                    "UPDATE spool SET not_before = ?, attempts = attempts + 1 WHERE seq = ?",
+                    [(now + lease_seconds, row[0]) for row in rows],
+                )
         return [
             SpooledMessage(
                 seq=seq,
@@ -504,40 +500,18 @@ class Spool:
         ]
 
     def _delete(self, seqs: list[int]) -> SpoolStats:
-        db = self._conn()
-        try:
-            db.execute("BEGIN IMMEDIATE")
-            try:
-                db.executemany("DELETE FROM spool WHERE seq = ?", [(s,) for s in seqs])
-                events, size = db.execute(
-                    "SELECT events, bytes FROM totals WHERE id = 1"
-                ).fetchone()
-                db.execute("COMMIT")
-            except BaseException:
-                if db.in_transaction:
-                    db.execute("ROLLBACK")
-                raise
-        except sqlite3.Error as exc:
-            raise self._error(exc, "deleting") from exc
+        with self._transaction("deleting") as db:
+            db.executemany("DELETE FROM spool WHERE seq = ?", [(s,) for s in seqs])
+            events, size = db.execute("SELECT events, bytes FROM totals WHERE id = 1").fetchone()
         return SpoolStats(int(events), int(size))
 
     def _reschedule(self, seqs: list[int], delay: float, error: str) -> None:
-        db = self._conn()
         not_before = time.time() + delay if delay > 0 else 0.0
-        try:
-            db.execute("BEGIN IMMEDIATE")
-            try:
-                db.executemany(
-                    "UPDATE spool SET not_before = ?, last_error = ? WHERE seq = ?",
-                    [(not_before, error[:500], s) for s in seqs],
-                )
-                db.execute("COMMIT")
-            except BaseException:
-                if db.in_transaction:
-                    db.execute("ROLLBACK")
-                raise
-        except sqlite3.Error as exc:
-            raise self._error(exc, "rescheduling") from exc
+        with self._transaction("rescheduling") as db:
+            db.executemany(
+                "UPDATE spool SET not_before = ?, last_error = ? WHERE seq = ?",
+                [(not_before, error[:500], s) for s in seqs],
+            )
 
     def _publish_stats(self) -> None:
         SPOOL_DEPTH.set(self._stats.events)
