@@ -280,6 +280,40 @@ class CommandGuard(Generic[_Result]):
             await asyncio.sleep(_POLL_SECONDS)
 
 
+def _outcome_event(
+    command: SendMessageCommand | CallCommand,
+    *,
+    type: str,
+    account: str,
+    causation_id: str,
+    id_parts: tuple[str, ...],
+    attributes: Mapping[str, str] | None,
+) -> Event:
+    """The envelope of a command's outcome event, its payload left to the caller.
+
+    The id is deterministic (provider, account and ``id_parts``), so an outcome
+    re-published for a redelivered command dedupes downstream; the command's
+    metadata become attributes, then ``attributes`` (the provider's) on top.
+    """
+    now = _now()
+    event = Event(
+        id=inbound_event_id(command.provider, account or "-", *id_parts),
+        type=type,
+        channel=command.channel,
+        provider=command.provider,
+        account=account,
+        occurred_at=now,
+        received_at=now,
+        correlation_id=command.correlation_id,
+        causation_id=causation_id,
+        conversation_id=command.conversation_id,
+    )
+    event.attributes.update(command.metadata)
+    if attributes:
+        event.attributes.update(attributes)
+    return event
+
+
 # -- sends -----------------------------------------------------------------------------------
 
 
@@ -297,30 +331,15 @@ def status_event(
     status.attempt = attempt
     if not status.recipient and command.message.recipients:
         status.recipient = command.message.recipients[0].address
-    now = _now()
-    event = Event(
-        id=inbound_event_id(
-            command.provider,
-            account or "-",
-            "send",
-            command.message_id,
-            str(attempt),
-            DeliveryState.Name(status.state),
-        ),
+    event = _outcome_event(
+        command,
         type="message.status",
-        channel=command.channel,
-        provider=command.provider,
         account=account,
-        occurred_at=now,
-        received_at=now,
-        correlation_id=command.correlation_id,
         causation_id=command.message_id,
-        conversation_id=command.conversation_id,
-        status=status,
+        id_parts=("send", command.message_id, str(attempt), DeliveryState.Name(status.state)),
+        attributes=attributes,
     )
-    event.attributes.update(command.metadata)
-    if attributes:
-        event.attributes.update(attributes)
+    event.status.CopyFrom(status)
     return event
 
 
@@ -463,29 +482,15 @@ def call_command_event(
     """
     result.command_id = command.command_id
     result.action = command.WhichOneof("action") or ""
-    now = _now()
-    event = Event(
-        id=inbound_event_id(
-            command.provider,
-            account or "-",
-            "call_command",
-            command.command_id,
-            CallCommandOutcome.Name(result.outcome),
-        ),
+    event = _outcome_event(
+        command,
         type=CALL_COMMAND_EVENT_TYPE,
-        channel=command.channel,
-        provider=command.provider,
         account=account,
-        occurred_at=now,
-        received_at=now,
-        correlation_id=command.correlation_id,
         causation_id=command.command_id,
-        conversation_id=command.conversation_id,
-        call_command=result,
+        id_parts=("call_command", command.command_id, CallCommandOutcome.Name(result.outcome)),
+        attributes=attributes,
     )
-    event.attributes.update(command.metadata)
-    if attributes:
-        event.attributes.update(attributes)
+    event.call_command.CopyFrom(result)
     return event
 
 
