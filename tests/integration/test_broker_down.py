@@ -16,8 +16,6 @@ import aio_pika
 import aiohttp
 import pytest
 
-from gateway.runtime.bus import Delivery
-from gateway.runtime.codec import decode_event
 from gateway.runtime.config import SubscriptionSettings
 from gateway.runtime.service import Service
 from gateway.testing.rabbitmq_node import RabbitMQNode
@@ -79,18 +77,7 @@ async def _drain_subscription(node: RabbitMQNode) -> list[str]:
         sids = []
         while (message := await queue.get(fail=False)) is not None:
             await message.ack()
-            event = decode_event(
-                Delivery(
-                    body=message.body,
-                    message_id=message.message_id,
-                    type=message.type,
-                    content_type=message.content_type,
-                    headers=dict(message.headers),
-                    exchange=message.exchange or "",
-                    routing_key=message.routing_key or "",
-                    redelivered=False,
-                )
-            )
+            event = h.consumed_event(message)
             sids.append(event.message.provider_message_id)
         return sids
     finally:

@@ -8,13 +8,13 @@ import aio_pika
 import pytest
 
 from gateway.api.v1.call_pb2 import CallCommandOutcome
-from gateway.runtime.bus import Delivery
-from gateway.runtime.codec import decode_event, encode_call_command
+from gateway.runtime.codec import encode_call_command
 from gateway.runtime.config import BrokerSettings
 from gateway.runtime.service import Service
 from gateway.runtime.topology import COMMANDS_EXCHANGE, DEAD_LETTER_QUEUE, EVENTS_EXCHANGE
 from tests.integration.conftest import Vhost
 from tests.runtime import call_helpers as c
+from tests.runtime import service_helpers as h
 
 pytestmark = pytest.mark.rabbitmq
 
@@ -25,19 +25,6 @@ def voice_service(vhost: Vhost, monkeypatch: pytest.MonkeyPatch) -> tuple[Servic
     connector = c.FakeVoice([c.accepted("CA-rmq", "queued")])
     c.install(monkeypatch, [c.spec(connector)])
     return Service(c.runtime(vhost.url), [c.NAME]), connector
-
-
-def _delivery(message: aio_pika.abc.AbstractIncomingMessage) -> Delivery:
-    return Delivery(
-        body=message.body,
-        message_id=message.message_id,
-        type=message.type,
-        content_type=message.content_type,
-        headers=dict(message.headers),
-        exchange=message.exchange or "",
-        routing_key=message.routing_key or "",
-        redelivered=bool(message.redelivered),
-    )
 
 
 async def test_call_command_round_trip_through_the_quorum_queue(
@@ -78,7 +65,7 @@ async def test_call_command_round_trip_through_the_quorum_queue(
     finally:
         await svc.stop()
     assert message.routing_key == "call.command.voice.fake"
-    event = decode_event(_delivery(message))
+    event = h.consumed_event(message)
     assert message.message_id == event.id
     assert event.causation_id == "cmd-rmq"
     assert event.call_command.outcome == CallCommandOutcome.CALL_COMMAND_OUTCOME_ACCEPTED

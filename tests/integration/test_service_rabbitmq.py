@@ -18,8 +18,7 @@ from gateway.api.v1.envelope_pb2 import Event
 from gateway.api.v1.message_pb2 import Message
 from gateway.api.v1.participant_pb2 import Participant
 from gateway.runtime import outbound
-from gateway.runtime.bus import Delivery
-from gateway.runtime.codec import decode_event, encode_command
+from gateway.runtime.codec import encode_command
 from gateway.runtime.idempotency import RedisIdempotencyStore
 from gateway.runtime.service import Service
 from gateway.runtime.topology import COMMANDS_EXCHANGE, DEAD_LETTER_QUEUE, EVENTS_EXCHANGE
@@ -81,17 +80,7 @@ async def _events(queue: aio_pika.abc.AbstractQueue, *, settle: float = 0.3) -> 
     events = []
     while (message := await queue.get(fail=False)) is not None:
         await message.ack()
-        delivery = Delivery(
-            body=message.body,
-            message_id=message.message_id,
-            type=message.type,
-            content_type=message.content_type,
-            headers=dict(message.headers),
-            exchange=message.exchange or "",
-            routing_key=message.routing_key or "",
-            redelivered=bool(message.redelivered),
-        )
-        events.append(decode_event(delivery))
+        events.append(h.consumed_event(message))
     return events
 
 
@@ -116,18 +105,7 @@ async def test_twilio_webhook_reaches_a_consumer_of_message_received(
         assert headers["cloudEvents_specversion"] == "1.0"
         assert headers["cloudEvents_type"] == "io.channelgateway.message.received"
         assert str(headers["traceparent"]).startswith("00-")
-        event = decode_event(
-            Delivery(
-                body=message.body,
-                message_id=message.message_id,
-                type=message.type,
-                content_type=message.content_type,
-                headers=dict(headers),
-                exchange=message.exchange or "",
-                routing_key=message.routing_key or "",
-                redelivered=False,
-            )
-        )
+        event = h.consumed_event(message)
         assert message.message_id == event.id == headers["cloudEvents_id"]
         assert event.message.provider_message_id == form["MessageSid"]
         assert event.message.text.body == "über 🚀"

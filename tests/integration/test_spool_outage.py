@@ -29,8 +29,6 @@ import aiohttp
 import pytest
 import yaml
 
-from gateway.runtime.bus import Delivery
-from gateway.runtime.codec import decode_event
 from gateway.runtime.config import (
     HttpSettings,
     RuntimeSettings,
@@ -97,21 +95,6 @@ async def _take_all(node: RabbitMQNode, queue: str) -> list[aio_pika.abc.Abstrac
         return taken
     finally:
         await connection.close()
-
-
-def _decode(message: aio_pika.abc.AbstractIncomingMessage) -> Any:
-    return decode_event(
-        Delivery(
-            body=message.body,
-            message_id=message.message_id,
-            type=message.type,
-            content_type=message.content_type,
-            headers=dict(message.headers),
-            exchange=message.exchange or "",
-            routing_key=message.routing_key or "",
-            redelivered=False,
-        )
-    )
 
 
 def _spooled_rows(path: Path) -> list[tuple[Any, ...]]:
@@ -183,7 +166,7 @@ async def test_twilio_sms_in_an_outage_is_accepted_spooled_and_drained_exactly(
             assert "traceparent" in sent
             assert message.correlation_id == correlation_id
             assert (message.timestamp is None) == (timestamp is None)
-        sids = [_decode(m).message.provider_message_id for m in delivered]
+        sids = [h.consumed_event(m).message.provider_message_id for m in delivered]
         assert sorted(sids) == sorted(f["MessageSid"] for f in forms)
         assert (await _ready(http, svc))[0] == 200
         # After the outage, publishing is direct again.
@@ -191,7 +174,7 @@ async def test_twilio_sms_in_an_outage_is_accepted_spooled_and_drained_exactly(
         assert (await h.post_signed(http, h.inbound_url(svc), after))[0] == 200
         assert svc.spool.stats.events == 0
         (direct,) = await _take_all(node, SMS_QUEUE)
-        assert _decode(direct).message.provider_message_id == after["MessageSid"]
+        assert h.consumed_event(direct).message.provider_message_id == after["MessageSid"]
     finally:
         async with asyncio.timeout(20):
             await svc.stop()
@@ -220,7 +203,7 @@ async def test_a_restarted_service_drains_what_the_last_one_spooled(
     try:
         await _until(lambda: second.spool is not None and second.spool.stats.events == 0, "drained")
         delivered = await _take_all(node, SMS_QUEUE)
-        assert [_decode(m).message.provider_message_id for m in delivered] == [
+        assert [h.consumed_event(m).message.provider_message_id for m in delivered] == [
             f["MessageSid"] for f in forms
         ]
         assert _spooled_rows(tmp_path / "sms.sqlite") == []
@@ -277,7 +260,7 @@ async def test_twilio_voice_callbacks_in_an_outage_are_not_lost(
         finally:
             await asyncio.to_thread(node.start_app)
         await _until(lambda: svc.spool is not None and svc.spool.stats.events == 0, "drained")
-        events = [_decode(m) for m in await _take_all(node, CALL_QUEUE)]
+        events = [h.consumed_event(m) for m in await _take_all(node, CALL_QUEUE)]
         assert {e.call.call_id for e in events} == {sid}
         assert [e.type for e in events] == ["call.ringing", "call.answered", "call.completed"]
         assert events[-1].call.duration.seconds == 42
@@ -363,7 +346,7 @@ async def test_a_service_killed_9_during_an_outage_loses_no_accepted_webhook(
             lambda: restarted.spool is not None and restarted.spool.stats.events == 0, "drained"
         )
         delivered = await _take_all(node, SMS_QUEUE)
-        assert [_decode(m).message.provider_message_id for m in delivered] == [
+        assert [h.consumed_event(m).message.provider_message_id for m in delivered] == [
             f["MessageSid"] for f in forms
         ]
     finally:

@@ -7,9 +7,12 @@ import uuid
 from collections.abc import Mapping
 
 import aiohttp
+from aio_pika.abc import AbstractIncomingMessage
 
 from connectors.sms.twilio.webhooks import SIGNATURE_HEADER, compute_signature
-from gateway.runtime.bus import Bus
+from gateway.api.v1.envelope_pb2 import Event
+from gateway.runtime.bus import Bus, Delivery
+from gateway.runtime.codec import decode_event
 from gateway.runtime.config import (
     BrokerSettings,
     DedupSettings,
@@ -25,6 +28,22 @@ ACCOUNT_SID = "AC" + "b" * 32
 ENVIRON = {"TEST_TWILIO_TOKEN": TOKEN}
 OUR_NUMBER = "+14155550100"
 CUSTOMER = "+14155550199"
+
+
+def consumed_event(message: AbstractIncomingMessage) -> Event:
+    """The event in a message a plain aio-pika consumer got (a downstream service's view)."""
+    return decode_event(
+        Delivery(
+            body=message.body,
+            message_id=message.message_id,
+            type=message.type,
+            content_type=message.content_type,
+            headers=dict(message.headers),
+            exchange=message.exchange or "",
+            routing_key=message.routing_key or "",
+            redelivered=bool(message.redelivered),
+        )
+    )
 
 
 def settings(
