@@ -14,6 +14,7 @@ import asyncio
 import secrets
 import uuid
 from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
@@ -195,15 +196,23 @@ def new_fake(key: RsaKey, **kw: Any) -> FakeVonage:
     )
 
 
-@pytest.fixture
-async def calls(key: RsaKey, tmp_path: Path) -> AsyncIterator[CallHarness]:
-    """The connector and a fake whose calls stay live until hung up."""
+@asynccontextmanager
+async def running(key: RsaKey, tmp_path: Path, **kw: Any) -> AsyncIterator[CallHarness]:
+    """A fresh fake Voice API and the connector's service on it (``kw``: :func:`start`'s),
+    stopped on leaving."""
     async with new_fake(key) as fake:
-        harness = await start(fake, key, tmp_path)
+        harness = await start(fake, key, tmp_path, **kw)
         try:
             yield harness
         finally:
             await harness.service.stop()
+
+
+@pytest.fixture
+async def calls(key: RsaKey, tmp_path: Path) -> AsyncIterator[CallHarness]:
+    """The connector and a fake whose calls stay live until hung up."""
+    async with running(key, tmp_path) as harness:
+        yield harness
 
 
 # -- oracles -----------------------------------------------------------------------------

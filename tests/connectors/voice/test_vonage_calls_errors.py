@@ -34,7 +34,7 @@ from tests.connectors.voice.test_vonage_calls import (
     RsaKey,
     live_call,
     new_fake,
-    start,
+    running,
 )
 
 
@@ -46,12 +46,8 @@ def key() -> RsaKey:
 @pytest.fixture
 async def calls(key: RsaKey, tmp_path: Path) -> AsyncIterator[CallHarness]:
     """A short provider timeout, so a hanging Vonage is a timeout."""
-    async with new_fake(key) as fake:
-        harness = await start(fake, key, tmp_path, provider_timeout=0.5)
-        try:
-            yield harness
-        finally:
-            await harness.service.stop()
+    async with running(key, tmp_path, provider_timeout=0.5) as harness:
+        yield harness
 
 
 def problem(status: int, kind: str, title: str, **extra: Any) -> ScriptedAnswer:
@@ -192,14 +188,10 @@ async def test_connection_refused_is_transient(key: RsaKey, tmp_path: Path) -> N
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
-    async with new_fake(key) as fake:
-        harness = await start(fake, key, tmp_path, api_base_url=f"http://127.0.0.1:{port}")
-        try:
-            with pytest.raises(TransientError) as raised:
-                await harness.call(**PLACE)
-            assert raised.value.code == "connect_failed"
-        finally:
-            await harness.service.stop()
+    async with running(key, tmp_path, api_base_url=f"http://127.0.0.1:{port}") as harness:
+        with pytest.raises(TransientError) as raised:
+            await harness.call(**PLACE)
+        assert raised.value.code == "connect_failed"
 
 
 REFUSED = [
@@ -259,21 +251,15 @@ async def test_wrong_commands_never_reach_vonage(
 async def test_account_without_private_key_cannot_control_calls(
     key: RsaKey, tmp_path: Path
 ) -> None:
-    async with new_fake(key) as fake:
-        # Answers calls (signature secret) but has no key to sign Voice API calls.
-        accounts = {
-            "main": {"application_id": APPLICATION_ID, "signature_secret": {"env": SECRET_ENV}}
-        }
-        harness = await start(fake, key, tmp_path, accounts=accounts)
-        try:
-            with pytest.raises(PermanentError) as raised:
-                await harness.call(**PLACE)
-            assert raised.value.code == "not_configured"
-            with pytest.raises(PermanentError) as raised:
-                await harness.call(account="other", **PLACE)
-            assert raised.value.code == "unknown_account"
-        finally:
-            await harness.service.stop()
+    # Answers calls (signature secret) but has no key to sign Voice API calls.
+    accounts = {"main": {"application_id": APPLICATION_ID, "signature_secret": {"env": SECRET_ENV}}}
+    async with running(key, tmp_path, accounts=accounts) as harness:
+        with pytest.raises(PermanentError) as raised:
+            await harness.call(**PLACE)
+        assert raised.value.code == "not_configured"
+        with pytest.raises(PermanentError) as raised:
+            await harness.call(account="other", **PLACE)
+        assert raised.value.code == "unknown_account"
 
 
 async def test_fake_voice_api_holds_to_the_documented_bodies(key: RsaKey) -> None:

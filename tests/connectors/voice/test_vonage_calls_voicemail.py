@@ -33,8 +33,7 @@ from tests.connectors.voice.test_vonage_calls import (
     OUR_NUMBER,
     CallHarness,
     RsaKey,
-    new_fake,
-    start,
+    running,
 )
 
 
@@ -45,12 +44,8 @@ def key() -> RsaKey:
 
 @pytest.fixture
 async def calls(key: RsaKey, tmp_path: Path) -> AsyncIterator[CallHarness]:
-    async with new_fake(key) as fake:
-        harness = await start(fake, key, tmp_path)
-        try:
-            yield harness
-        finally:
-            await harness.service.stop()
+    async with running(key, tmp_path) as harness:
+        yield harness
 
 
 async def signed(
