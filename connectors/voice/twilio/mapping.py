@@ -16,12 +16,11 @@ from datetime import datetime
 from email.utils import parsedate_to_datetime
 
 from google.protobuf.duration_pb2 import Duration
-from google.protobuf.timestamp_pb2 import Timestamp
 from multidict import MultiDict, MultiMapping
 
 from connectors.voice import voicemail
 from connectors.voice.lifecycle import STATE_WORDS
-from gateway.api.v1.call_pb2 import CallEvent, CallState
+from gateway.api.v1.call_pb2 import CallState
 from gateway.api.v1.content_pb2 import Attachment
 from gateway.api.v1.envelope_pb2 import Event, RawPayload
 from gateway.api.v1.message_pb2 import Direction
@@ -83,12 +82,6 @@ def required(params: MultiMapping[str], name: str) -> str:
     return value
 
 
-def _timestamp(when: datetime) -> Timestamp:
-    ts = Timestamp()
-    ts.FromDatetime(when)
-    return ts
-
-
 def _address(raw: str) -> str:
     # Twilio sends E.164 numbers, but also "client:alice", "sip:..." or
     # "Anonymous" for withheld caller id: keep what is not a phone number.
@@ -100,9 +93,12 @@ def _address(raw: str) -> str:
         return raw
 
 
+_INBOUND = Direction.DIRECTION_INBOUND
+_OUTBOUND = Direction.DIRECTION_OUTBOUND
+
+
 def _direction(params: MultiMapping[str]) -> Direction.ValueType:
-    raw = params.get("Direction", "inbound")
-    return Direction.DIRECTION_INBOUND if raw == "inbound" else Direction.DIRECTION_OUTBOUND
+    return _INBOUND if params.get("Direction", "inbound") == "inbound" else _OUTBOUND
 
 
 def _seconds(params: MultiMapping[str], name: str) -> Duration | None:
@@ -147,46 +143,44 @@ def _call_event(
     state = call_state(params)
     caller, called = _address(params.get("From", "")), _address(params.get("To", ""))
     direction = _direction(params)
-    call = CallEvent(
-        call_id=sid,
-        direction=direction,
-        state=state,
-        provider_status=params["CallStatus"].lower(),
-        flow_step=flow_step,
-        to=called,
-    )
-    setattr(call, "from", caller)  # 'from' is a Python keyword
-    duration = _seconds(params, "CallDuration")
-    if duration is not None:
-        call.duration.CopyFrom(duration)
+    # Filled in place: an answer webhook waits on this, and building the
+    # sub-messages to copy them in cost about twice as much.
     event = Event(
         id=inbound_event_id(PROVIDER, account, event_type, sid, *id_parts),
         type=event_type,
         channel=CHANNEL,
         provider=PROVIDER,
         account=account,
-        received_at=_timestamp(received_at),
-        occurred_at=_timestamp(_occurred(params, received_at)),
         correlation_id=sid,
-        raw=raw,
-        call=call,
     )
+    event.received_at.FromDatetime(received_at)
+    occurred = _occurred(params, received_at)
+    if occurred is received_at:
+        event.occurred_at.CopyFrom(event.received_at)
+    else:
+        event.occurred_at.FromDatetime(occurred)
+    event.raw.CopyFrom(raw)
+    call = event.call
+    call.call_id = sid
+    call.direction = direction
+    call.state = state
+    call.provider_status = params["CallStatus"].lower()
+    call.flow_step = flow_step
+    call.to = called
+    setattr(call, "from", caller)  # 'from' is a Python keyword
+    duration = _seconds(params, "CallDuration")
+    if duration is not None:
+        call.duration.CopyFrom(duration)
     if caller and called:
-        ours, theirs = (
-            (called, caller)
-            if direction == Direction.DIRECTION_INBOUND
-            else (
-                caller,
-                called,
-            )
-        )
+        ours, theirs = (called, caller) if direction == _INBOUND else (caller, called)
         event.conversation_id = conversation_id(CHANNEL, ours, theirs)
     sequence = params.get("SequenceNumber", "")
     if sequence.isdigit():
         event.sequence = int(sequence)
     for name, key in _ATTRIBUTES.items():
-        if params.get(name):
-            event.attributes[key] = params[name]
+        value = params.get(name)
+        if value:
+            event.attributes[key] = value
     return event
 
 
