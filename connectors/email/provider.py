@@ -3,14 +3,16 @@
 Each is a webhook connector: inbound mail arrives raw or split into fields,
 delivery events as JSON. Mail goes through :class:`MailIngestor` (MIME parse
 in a process pool, quarantine on a cap); delivery events are mapped by the
-provider's own ``mapping`` module. They do not send: outbound email goes
-through ``email.smtp`` (each provider offers SMTP relays), so :meth:`send`
-is a permanent error naming that.
+provider's own ``mapping`` module. Each sends through its provider's HTTP
+API when an account has an API credential (:func:`sending_account` picks the
+account and its client); without one, :meth:`EmailWebhookConnector.send` is a
+permanent error pointing at ``email.smtp`` and the provider's SMTP relay.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from typing import TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -28,6 +30,36 @@ from gateway.contract import (
     WebhookReply,
     WebhookRequest,
 )
+
+_Account = TypeVar("_Account")
+_Client = TypeVar("_Client")
+
+
+def sending_account(
+    command: SendMessageCommand,
+    accounts: Mapping[str, _Account],
+    clients: Mapping[str, _Client],
+    *,
+    default: str | None,
+    label: str,
+    credential: str,
+    code: str,
+) -> tuple[str, _Account, _Client]:
+    """The account a send goes out from and its API client.
+
+    The command's account, else the configured default, else the first one.
+    An unknown account, or one without an API credential (``credential``, the
+    setting's name; ``code``, the error code), is a permanent error;
+    ``label`` names an account in messages ("sendgrid account").
+    """
+    name = command.account or default or next(iter(accounts))
+    account = accounts.get(name)
+    if account is None:
+        raise PermanentError(f"unknown {label} {name!r}", code="unknown_account")
+    client = clients.get(name)
+    if client is None:
+        raise PermanentError(f"{label} {name!r} has no {credential}", code=code)
+    return name, account, client
 
 
 class EmailWebhookSettings(BaseModel):

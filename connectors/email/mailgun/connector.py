@@ -27,7 +27,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from connectors.email.mailgun import mapping, webhooks
 from connectors.email.mailgun.client import DEFAULT_API_BASE, MailgunClient
-from connectors.email.provider import EmailWebhookConnector, EmailWebhookSettings
+from connectors.email.provider import EmailWebhookConnector, EmailWebhookSettings, sending_account
 from gateway.api.v1.command_pb2 import SendMessageCommand
 from gateway.api.v1.connector_pb2 import ConnectorManifest
 from gateway.api.v1.delivery_pb2 import DeliveryState
@@ -35,7 +35,6 @@ from gateway.contract import (
     AuthError,
     ConnectorContext,
     Inbound,
-    PermanentError,
     Secret,
     SendResult,
     WebhookReply,
@@ -138,15 +137,15 @@ class MailgunEmailConnector(EmailWebhookConnector):
 
     async def send(self, command: SendMessageCommand) -> SendResult:
         """Send through the Messages API (200 = queued at Mailgun)."""
-        name = (
-            command.account or self._settings.default_account or next(iter(self._settings.accounts))
+        name, account, client = sending_account(
+            command,
+            self._settings.accounts,
+            self._clients,
+            default=self._settings.default_account,
+            label="mailgun account",
+            credential="api_key",
+            code="no_api_key",
         )
-        account = self._settings.accounts.get(name)
-        if account is None:
-            raise PermanentError(f"unknown mailgun account {name!r}", code="unknown_account")
-        client = self._clients.get(name)
-        if client is None:
-            raise PermanentError(f"mailgun account {name!r} has no api_key", code="no_api_key")
         fields, files = mapping.send_form(
             command,
             from_address=account.from_address,

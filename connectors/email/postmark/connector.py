@@ -25,7 +25,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from connectors.email.postmark import mapping
 from connectors.email.postmark.client import DEFAULT_API_BASE, PostmarkClient
-from connectors.email.provider import EmailWebhookConnector, EmailWebhookSettings
+from connectors.email.provider import EmailWebhookConnector, EmailWebhookSettings, sending_account
 from connectors.email.webhooks import verify_basic_auth
 from gateway.api.v1.command_pb2 import SendMessageCommand
 from gateway.api.v1.connector_pb2 import ConnectorManifest
@@ -34,7 +34,6 @@ from gateway.contract import (
     AuthError,
     ConnectorContext,
     Inbound,
-    PermanentError,
     Secret,
     SendResult,
     WebhookReply,
@@ -132,15 +131,15 @@ class PostmarkEmailConnector(EmailWebhookConnector):
 
     async def send(self, command: SendMessageCommand) -> SendResult:
         """Send through ``POST /email`` (200 = Postmark accepted and is sending)."""
-        name = (
-            command.account or self._settings.default_account or next(iter(self._settings.accounts))
+        name, account, client = sending_account(
+            command,
+            self._settings.accounts,
+            self._clients,
+            default=self._settings.default_account,
+            label="postmark server",
+            credential="server_token",
+            code="no_token",
         )
-        account = self._settings.accounts.get(name)
-        if account is None:
-            raise PermanentError(f"unknown postmark server {name!r}", code="unknown_account")
-        client = self._clients.get(name)
-        if client is None:
-            raise PermanentError(f"postmark server {name!r} has no server_token", code="no_token")
         payload = mapping.email_payload(
             command,
             from_address=account.from_address,

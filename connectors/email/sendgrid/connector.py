@@ -30,7 +30,7 @@ from typing import Self
 from cryptography.hazmat.primitives.asymmetric import ec
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from connectors.email.provider import EmailWebhookConnector, EmailWebhookSettings
+from connectors.email.provider import EmailWebhookConnector, EmailWebhookSettings, sending_account
 from connectors.email.sendgrid import mapping, webhooks
 from connectors.email.sendgrid.client import DEFAULT_API_BASE, SendGridClient
 from connectors.email.webhooks import verify_basic_auth
@@ -41,7 +41,6 @@ from gateway.contract import (
     AuthError,
     ConnectorContext,
     Inbound,
-    PermanentError,
     Secret,
     SendResult,
     WebhookReply,
@@ -198,15 +197,15 @@ class SendGridEmailConnector(EmailWebhookConnector):
 
     async def send(self, command: SendMessageCommand) -> SendResult:
         """Send through the v3 Mail Send API (202 = queued at SendGrid)."""
-        name = (
-            command.account or self._settings.default_account or next(iter(self._settings.accounts))
+        name, account, client = sending_account(
+            command,
+            self._settings.accounts,
+            self._clients,
+            default=self._settings.default_account,
+            label="sendgrid account",
+            credential="api_key",
+            code="no_api_key",
         )
-        account = self._settings.accounts.get(name)
-        if account is None:
-            raise PermanentError(f"unknown sendgrid account {name!r}", code="unknown_account")
-        client = self._clients.get(name)
-        if client is None:
-            raise PermanentError(f"sendgrid account {name!r} has no api_key", code="no_api_key")
         payload = mapping.mail_send_payload(
             command,
             from_address=account.from_address,
