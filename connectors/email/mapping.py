@@ -27,8 +27,6 @@ import uuid
 from collections.abc import Sequence
 from datetime import datetime
 
-from google.protobuf.timestamp_pb2 import Timestamp
-
 from connectors.email.mime import MailAddress, ParsedMail, thread_root
 from gateway.api.v1.content_pb2 import Attachment, Email, Header
 from gateway.api.v1.delivery_pb2 import DeliveryState, DeliveryStatus
@@ -36,6 +34,7 @@ from gateway.api.v1.envelope_pb2 import Event, RawPayload
 from gateway.api.v1.message_pb2 import Direction, Message
 from gateway.api.v1.participant_pb2 import Participant, ParticipantRole
 from gateway.contract.ids import NAMESPACE, inbound_event_id
+from gateway.contract.times import timestamp
 
 CHANNEL = "email"
 RFC822 = "message/rfc822"
@@ -69,12 +68,6 @@ def conversation_of(root_message_id: str) -> str:
     return str(
         uuid.uuid5(NAMESPACE, "\x1f".join(("conversation", CHANNEL, "thread", root_message_id)))
     )
-
-
-def _timestamp(when: datetime) -> Timestamp:
-    ts = Timestamp()
-    ts.FromDatetime(when)
-    return ts
 
 
 def _participant(address: MailAddress, role: ParticipantRole.ValueType) -> Participant:
@@ -152,8 +145,8 @@ def message_event(
         channel=CHANNEL,
         provider=provider,
         account=account,
-        occurred_at=_timestamp(mail.date or received_at),
-        received_at=_timestamp(received_at),
+        occurred_at=timestamp(mail.date or received_at),
+        received_at=timestamp(received_at),
         conversation_id=conversation_of(root) if root else "",
         raw=RawPayload(content_type=RFC822, data=raw),
         message=message,
@@ -197,8 +190,8 @@ def status_event(
         channel=CHANNEL,
         provider=provider,
         account=account,
-        occurred_at=_timestamp(occurred_at or received_at),
-        received_at=_timestamp(received_at),
+        occurred_at=timestamp(occurred_at or received_at),
+        received_at=timestamp(received_at),
         causation_id=status.message_id,
         status=status,
     )
@@ -338,8 +331,8 @@ def quarantine_event(
         channel=CHANNEL,
         provider=provider,
         account=account,
-        received_at=_timestamp(received_at),
-        occurred_at=_timestamp(received_at),
+        received_at=timestamp(received_at),
+        occurred_at=timestamp(received_at),
         raw=RawPayload(content_type=RFC822, data=raw),
     )
     event.attributes["email.quarantine_reason"] = reason
@@ -375,8 +368,8 @@ def interaction_event(
         channel=CHANNEL,
         provider=provider,
         account=account,
-        occurred_at=_timestamp(occurred_at or received_at),
-        received_at=_timestamp(received_at),
+        occurred_at=timestamp(occurred_at or received_at),
+        received_at=timestamp(received_at),
         causation_id=message_id,
     )
     if interaction == "open":

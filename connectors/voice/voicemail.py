@@ -11,22 +11,15 @@ from __future__ import annotations
 
 from datetime import datetime
 
-from google.protobuf.timestamp_pb2 import Timestamp
-
 from gateway.api.v1.content_pb2 import Attachment, Media, MediaKind
 from gateway.api.v1.envelope_pb2 import Event, RawPayload
 from gateway.api.v1.message_pb2 import Direction, Message
 from gateway.api.v1.participant_pb2 import Participant, ParticipantRole
 from gateway.contract import inbound_event_id
 from gateway.contract.ids import conversation_id
+from gateway.contract.times import timestamp
 
 CHANNEL = "voice"
-
-
-def _timestamp(when: datetime) -> Timestamp:
-    ts = Timestamp()
-    ts.FromDatetime(when)
-    return ts
 
 
 def voicemail_message(
@@ -70,8 +63,8 @@ def voicemail_message(
         channel=CHANNEL,
         provider=provider,
         account=account,
-        received_at=_timestamp(received_at),
-        occurred_at=_timestamp(occurred_at or received_at),
+        received_at=timestamp(received_at),
+        occurred_at=timestamp(occurred_at or received_at),
         correlation_id=call_id,
         conversation_id=conversation_id(CHANNEL, called, caller),
         raw=raw,

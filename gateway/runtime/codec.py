@@ -8,7 +8,7 @@ CloudEvents-aware consumer reads them without knowing our proto.
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import TypeVar
 
 from google.protobuf.message import DecodeError, Message
@@ -17,6 +17,7 @@ from gateway.api.v1.call_pb2 import CallCommand
 from gateway.api.v1.command_pb2 import SendMessageCommand
 from gateway.api.v1.envelope_pb2 import Event
 from gateway.contract.errors import BadRequestError
+from gateway.contract.times import to_datetime
 from gateway.runtime.bus import Delivery, HeaderValue, OutgoingMessage
 from gateway.runtime.telemetry import inject_trace_headers
 from gateway.runtime.topology import call_command_routing_key, command_routing_key
@@ -73,7 +74,7 @@ def encode_event(event: Event) -> OutgoingMessage:
     The current trace context is injected, and also stored in the event
     (``traceparent``) so it survives re-publishing through other transports.
     """
-    time = event.occurred_at.ToDatetime(tzinfo=UTC) if event.HasField("occurred_at") else None
+    time = to_datetime(event.occurred_at) if event.HasField("occurred_at") else None
     headers = _ce_headers(
         id=event.id,
         source=f"/channel-gateway/{event.channel}/{event.provider}/{event.account}",
@@ -100,7 +101,7 @@ def _command_message(
 ) -> OutgoingMessage:
     """A command from the gateway as a persistent AMQP message with CloudEvents
     (type ``command.<kind>.<channel>``) and trace headers."""
-    created = command.created_at.ToDatetime(tzinfo=UTC) if command.HasField("created_at") else None
+    created = to_datetime(command.created_at) if command.HasField("created_at") else None
     headers = _ce_headers(
         id=id,
         source="/channel-gateway/gateway",

@@ -56,6 +56,7 @@ from gateway.contract.errors import (
     TransientError,
 )
 from gateway.contract.ids import inbound_event_id
+from gateway.contract.times import timestamp, to_datetime
 from gateway.runtime.bus import Delivery
 from gateway.runtime.codec import decode_call_command, decode_command
 from gateway.runtime.config import SendSettings
@@ -103,15 +104,11 @@ def command_topology(spec: ConnectorSpec, delivery_limit: int) -> Topology:
 
 
 def _now() -> Timestamp:
-    now = Timestamp()
-    now.FromDatetime(datetime.now(UTC))
-    return now
+    return timestamp(datetime.now(UTC))
 
 
 def _expired(command: SendMessageCommand | CallCommand) -> bool:
-    return command.HasField("expires_at") and command.expires_at.ToDatetime(
-        tzinfo=UTC
-    ) < datetime.now(UTC)
+    return command.HasField("expires_at") and to_datetime(command.expires_at) < datetime.now(UTC)
 
 
 @dataclass(frozen=True)

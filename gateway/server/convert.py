@@ -18,6 +18,7 @@ from gateway.api.v1.gateway_service_pb2 import (
     StatusTransition,
     TimelineEntryKind,
 )
+from gateway.contract.times import timestamp as timestamp_of
 from gateway.ledger.models import EntryKind, MessageRecord, StatusEntry
 from gateway.ledger.models import FallbackPolicy as LedgerPolicy
 
@@ -32,9 +33,7 @@ def timestamp(value: datetime | None) -> Timestamp | None:
     """A Timestamp of an aware or UTC-naive datetime (None stays None)."""
     if value is None:
         return None
-    ts = Timestamp()
-    ts.FromDatetime(value)
-    return ts
+    return timestamp_of(value)
 
 
 def _policy(policy: LedgerPolicy) -> FallbackPolicy:

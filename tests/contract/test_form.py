@@ -17,7 +17,12 @@ from gateway.contract.errors import BadRequestError
 
 # Characters that exercise every branch: separators, escapes (valid, broken,
 # non-UTF-8), plus signs, non-ASCII text.
-ALPHABET = ["a", "Z", "0", "=", "&", "+", "%", "%2B", "%20", "%e2%82%ac", "%ff", "%zz", "é", " "]
+ALPHABET = [
+    *("a", "Z", "0", "=", "&", "+", "%", "%2B", "%20", "%e2%82%ac", "%ff", "%zz", "é", " "),
+    # Escaped separators (the field-by-field path), and pieces of UTF-8
+    # sequences that a separator cuts short.
+    *("%26", "%3D", "%3d", "%C3", "%e2", "%82", "%AC", "%A9", "%"),
+]
 
 
 def _stdlib(text: str) -> list[tuple[str, str]] | type[ValueError]:
@@ -48,6 +53,9 @@ def _ours(text: str) -> list[tuple[str, str]] | type[ValueError]:
         "a=1&&b=2",
         "a=1&",
         "%ff=%fe",  # not UTF-8 after decoding: replaced, like the stdlib
+        "a=%C3&b=%A9",  # a UTF-8 sequence cut by a separator: two replacements
+        "a=%E2%82&b=%AC%26",  # ... and an escaped separator elsewhere in the body
+        "To=%2B14155550100&Body=x%3Dy",
     ],
 )
 def test_documented_and_edge_bodies_match_parse_qsl(text: str) -> None:

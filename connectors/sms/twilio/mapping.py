@@ -10,7 +10,6 @@ from __future__ import annotations
 from collections.abc import Mapping
 from datetime import datetime
 
-from google.protobuf.timestamp_pb2 import Timestamp
 from multidict import MultiMapping
 
 from connectors.sms.addresses import sms_address
@@ -22,6 +21,7 @@ from gateway.api.v1.message_pb2 import Direction
 from gateway.api.v1.participant_pb2 import ParticipantRole
 from gateway.contract import BadRequestError, inbound_event_id
 from gateway.contract.ids import conversation_id
+from gateway.contract.times import set_timestamp, timestamp
 
 PROVIDER = "twilio"
 CHANNEL = "sms"
@@ -73,12 +73,6 @@ def _required(params: MultiMapping[str], name: str) -> str:
     return value
 
 
-def _timestamp(when: datetime) -> Timestamp:
-    ts = Timestamp()
-    ts.FromDatetime(when)
-    return ts
-
-
 def attachments(params: MultiMapping[str]) -> list[Attachment]:
     """Every ``MediaUrlN`` / ``MediaContentTypeN`` pair, in order (never only the first)."""
     raw_count = params.get("NumMedia", "0") or "0"
@@ -112,7 +106,7 @@ def inbound_message(
         account=account,
         conversation_id=conversation_id(CHANNEL, recipient, sender),
     )
-    event.received_at.FromDatetime(received_at)
+    set_timestamp(event.received_at, received_at)
     event.occurred_at.CopyFrom(event.received_at)
     event.raw.CopyFrom(raw)
     message = event.message
@@ -178,8 +172,8 @@ def status_callback(
         channel=CHANNEL,
         provider=PROVIDER,
         account=account,
-        received_at=_timestamp(received_at),
-        occurred_at=_timestamp(received_at),
+        received_at=timestamp(received_at),
+        occurred_at=timestamp(received_at),
         causation_id=message_id,
         raw=raw,
         status=status,

@@ -16,7 +16,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import hmac
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from urllib.parse import urlsplit, urlunsplit
 
 from gateway.contract import AuthError, WebhookRequest
@@ -30,14 +30,16 @@ def compute_signature(
     secret: str, url: str, params: Mapping[str, list[str]], algorithm: str = "HMAC_SHA1"
 ) -> str:
     """Twilio's signature of ``url`` and form ``params`` (name -> all values)."""
-    parts = [url]
-    for name in sorted(params):
-        values = params[name]
-        # Almost every field has one value: skip the set and sort for those.
-        for value in values if len(values) == 1 else sorted(set(values)):
-            parts.append(name)
-            parts.append(value)
-    mac = hmac.new(secret.encode(), "".join(parts).encode(), _ALGORITHMS[algorithm])
+    return _signature(secret, url, [(name, v) for name, values in params.items() for v in values])
+
+
+def _signature(
+    secret: str, url: str, pairs: Iterable[tuple[str, str]], algorithm: str = "HMAC_SHA1"
+) -> str:
+    # Names sorted, each name's distinct values sorted: the order of the
+    # sorted set of (name, value) pairs, built in one C-level sort and join.
+    data = url + "".join([name + value for name, value in sorted(set(pairs))])
+    mac = hmac.new(secret.encode(), data.encode(), _ALGORITHMS[algorithm])
     return base64.b64encode(mac.digest()).decode()
 
 
@@ -77,30 +79,19 @@ def verify(request: WebhookRequest, secret: str) -> None:
     if algorithm not in _ALGORITHMS:
         raise AuthError(f"unsupported Twilio signature algorithm {algorithm!r}")
     body_hash = request.query.get("bodySHA256")
-    params: dict[str, list[str]]
+    pairs: list[tuple[str, str]] = []
     if body_hash is not None:
         expected_hash = hashlib.sha256(request.body).hexdigest()
         if not hmac.compare_digest(expected_hash, body_hash):
             raise AuthError("body does not match bodySHA256")
-        params = {}
     else:
-        params = {}
-        # Empty for GET: Twilio then signs the URL alone.
-        for name, value in request.form.items():
-            values = params.get(name)
-            if values is None:
-                params[name] = [value]
-            else:
-                values.append(value)
+        pairs = list(request.form.items())  # empty for GET: Twilio then signs the URL alone
     expected = signature.encode()
     # The URL as called matches almost always: build the port variants only
     # when it does not.
-    if hmac.compare_digest(
-        compute_signature(secret, request.url, params, algorithm).encode(), expected
-    ):
+    if hmac.compare_digest(_signature(secret, request.url, pairs, algorithm).encode(), expected):
         return
     for url in _url_variants(request.url)[1:]:
-        computed = compute_signature(secret, url, params, algorithm).encode()
-        if hmac.compare_digest(computed, expected):
+        if hmac.compare_digest(_signature(secret, url, pairs, algorithm).encode(), expected):
             return
     raise AuthError("invalid X-Twilio-Signature")

@@ -15,8 +15,6 @@ from collections.abc import Mapping
 from datetime import UTC, datetime
 from typing import Any
 
-from google.protobuf.timestamp_pb2 import Timestamp
-
 from connectors.sms.addresses import sms_address
 from connectors.sms.encoding import attributes as encoding_attributes
 from gateway.api.v1.content_pb2 import Text, TextFormat
@@ -26,6 +24,7 @@ from gateway.api.v1.message_pb2 import Direction, Message
 from gateway.api.v1.participant_pb2 import Participant, ParticipantRole
 from gateway.contract import BadRequestError, inbound_event_id
 from gateway.contract.ids import conversation_id
+from gateway.contract.times import timestamp
 
 PROVIDER = "vonage"
 CHANNEL = "sms"
@@ -86,12 +85,6 @@ _FAILURES = frozenset({S.DELIVERY_STATE_FAILED, S.DELIVERY_STATE_EXPIRED})
 INBOUND_TYPES = frozenset({"text", "unicode", "binary"})
 #: Digits (a "+" tolerated) or an alphanumeric sender id.
 _VONAGE_ADDRESS = re.compile(r"^(\+?[0-9]+|[A-Za-z0-9 ]+)$")
-
-
-def _timestamp(when: datetime) -> Timestamp:
-    ts = Timestamp()
-    ts.FromDatetime(when)
-    return ts
 
 
 def _required(params: Mapping[str, Any], name: str) -> str:
@@ -179,8 +172,8 @@ def _inbound_event(
         channel=CHANNEL,
         provider=PROVIDER,
         account=account,
-        received_at=_timestamp(received_at),
-        occurred_at=_timestamp(occurred_at),
+        received_at=timestamp(received_at),
+        occurred_at=timestamp(occurred_at),
         conversation_id=conversation_id(CHANNEL, recipient, sender),
         raw=raw,
         message=message,
@@ -289,8 +282,8 @@ def delivery_receipt(
         channel=CHANNEL,
         provider=PROVIDER,
         account=account,
-        received_at=_timestamp(received_at),
-        occurred_at=_timestamp(occurred_at),
+        received_at=timestamp(received_at),
+        occurred_at=timestamp(occurred_at),
         causation_id=gateway_id,
         raw=raw,
         status=status,
@@ -407,8 +400,8 @@ def messages_status(
         channel=CHANNEL,
         provider=PROVIDER,
         account=account,
-        received_at=_timestamp(received_at),
-        occurred_at=_timestamp(_iso_time(body.get("timestamp")) or received_at),
+        received_at=timestamp(received_at),
+        occurred_at=timestamp(_iso_time(body.get("timestamp")) or received_at),
         causation_id=gateway_id,
         raw=raw,
         status=status,

@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
-from connectors.social.meta.envelope import items, raw_item, required, text, timestamp, unix_time
+from connectors.social.meta.envelope import items, raw_item, required, text, unix_time
 from gateway.api.v1.content_pb2 import (
     Attachment,
     ChoiceResponse,
@@ -40,6 +40,7 @@ from gateway.api.v1.message_pb2 import Delete, Direction, Edit, Message, Reactio
 from gateway.api.v1.participant_pb2 import Participant, ParticipantRole
 from gateway.contract import BadRequestError, inbound_event_id
 from gateway.contract.ids import conversation_id
+from gateway.contract.times import timestamp
 
 PROVIDER = "meta"
 OBJECTS = {"messenger": "page", "instagram": "instagram"}

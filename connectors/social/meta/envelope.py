@@ -12,8 +12,6 @@ from collections.abc import Iterator, Mapping
 from datetime import UTC, datetime
 from typing import Any
 
-from google.protobuf.timestamp_pb2 import Timestamp
-
 from gateway.api.v1.envelope_pb2 import RawPayload
 from gateway.contract import BadRequestError, WebhookRequest
 
@@ -77,13 +75,6 @@ def unix_time(value: Any, *, millis: bool = False) -> datetime | None:
     except (TypeError, ValueError) as exc:
         raise BadRequestError(f"malformed timestamp {value!r}") from exc
     return datetime.fromtimestamp(number / 1000 if millis else number, UTC)
-
-
-def timestamp(when: datetime) -> Timestamp:
-    """``when`` as a protobuf Timestamp."""
-    ts = Timestamp()
-    ts.FromDatetime(when)
-    return ts
 
 
 def raw_item(item: Mapping[str, Any]) -> RawPayload:

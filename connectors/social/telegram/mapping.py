@@ -24,8 +24,6 @@ from collections.abc import Mapping
 from datetime import UTC, datetime
 from typing import Any
 
-from google.protobuf.timestamp_pb2 import Timestamp
-
 from gateway.api.v1.content_pb2 import (
     Attachment,
     ChoiceResponse,
@@ -41,6 +39,7 @@ from gateway.api.v1.message_pb2 import Direction, Edit, Message
 from gateway.api.v1.participant_pb2 import Participant, ParticipantRole
 from gateway.contract import BadRequestError, inbound_event_id
 from gateway.contract.ids import conversation_id
+from gateway.contract.times import timestamp
 
 CHANNEL = "telegram"
 PROVIDER = "bot"
@@ -81,12 +80,6 @@ def _str(parent: Mapping[str, Any], name: str) -> str:
     return str(value)
 
 
-def _ts(when: datetime) -> Timestamp:
-    ts = Timestamp()
-    ts.FromDatetime(when)
-    return ts
-
-
 def message_key(chat_id: int | str, message_id: int | str) -> str:
     """Provider message id: Telegram message ids are unique per chat only."""
     return f"{chat_id}:{message_id}"
@@ -118,7 +111,7 @@ def map_update(update: Any, *, account: str, received_at: datetime) -> Event | N
         channel=CHANNEL,
         provider=PROVIDER,
         account=account,
-        received_at=_ts(received_at),
+        received_at=timestamp(received_at),
         sequence=update_id,
         raw=raw,
     )
@@ -144,7 +137,7 @@ def map_update(update: Any, *, account: str, received_at: datetime) -> Event | N
             base.attributes["telegram.update_type"] = kind
             edited = body[kind].get("edit_date")
             if isinstance(edited, int):
-                base.occurred_at.CopyFrom(_ts(datetime.fromtimestamp(edited, UTC)))
+                base.occurred_at.CopyFrom(timestamp(datetime.fromtimestamp(edited, UTC)))
             return base
     if "callback_query" in body:
         query = _object(body["callback_query"], "callback_query")
@@ -159,7 +152,7 @@ def map_update(update: Any, *, account: str, received_at: datetime) -> Event | N
         if not query_id:
             raise BadRequestError("callback_query without id")
         base.type = "message.received"
-        base.occurred_at.CopyFrom(_ts(received_at))
+        base.occurred_at.CopyFrom(timestamp(received_at))
         base.message.CopyFrom(
             Message(
                 direction=Direction.DIRECTION_INBOUND,
@@ -214,7 +207,7 @@ def _message(message: Mapping[str, Any], account: str, event: Event) -> Message:
         )
     date = message.get("date")
     if isinstance(date, int):
-        event.occurred_at.CopyFrom(_ts(datetime.fromtimestamp(date, UTC)))
+        event.occurred_at.CopyFrom(timestamp(datetime.fromtimestamp(date, UTC)))
     event.conversation_id = conversation_id(CHANNEL, account, chat_id)
     event.attributes["telegram.chat_id"] = chat_id
     event.attributes["telegram.chat_type"] = _str(chat, "type")

@@ -26,6 +26,7 @@ from gateway.api.v1.envelope_pb2 import Event, RawPayload
 from gateway.api.v1.message_pb2 import Direction
 from gateway.contract import BadRequestError, inbound_event_id, normalize_phone
 from gateway.contract.ids import conversation_id
+from gateway.contract.times import set_timestamp
 
 PROVIDER = "twilio"
 CHANNEL = "voice"
@@ -153,12 +154,12 @@ def _call_event(
         account=account,
         correlation_id=sid,
     )
-    event.received_at.FromDatetime(received_at)
+    set_timestamp(event.received_at, received_at)
     occurred = _occurred(params, received_at)
     if occurred is received_at:
         event.occurred_at.CopyFrom(event.received_at)
     else:
-        event.occurred_at.FromDatetime(occurred)
+        set_timestamp(event.occurred_at, occurred)
     event.raw.CopyFrom(raw)
     call = event.call
     call.call_id = sid

@@ -12,7 +12,6 @@ from datetime import datetime
 from typing import Any
 
 from google.protobuf.duration_pb2 import Duration
-from google.protobuf.timestamp_pb2 import Timestamp
 
 from connectors.voice import voicemail
 from connectors.voice.lifecycle import STATE_WORDS
@@ -22,6 +21,7 @@ from gateway.api.v1.envelope_pb2 import Event, RawPayload
 from gateway.api.v1.message_pb2 import Direction
 from gateway.contract import BadRequestError, inbound_event_id, normalize_phone
 from gateway.contract.ids import conversation_id
+from gateway.contract.times import timestamp
 
 PROVIDER = "vonage"
 CHANNEL = "voice"
@@ -89,12 +89,6 @@ def _phone(raw: str) -> str:
         return raw
 
 
-def _timestamp(when: datetime) -> Timestamp:
-    ts = Timestamp()
-    ts.FromDatetime(when)
-    return ts
-
-
 def _occurred(body: Mapping[str, Any], received_at: datetime) -> datetime:
     raw = text(body, "timestamp")
     if not raw:
@@ -140,8 +134,8 @@ def call_event(
         channel=CHANNEL,
         provider=PROVIDER,
         account=account,
-        received_at=_timestamp(received_at),
-        occurred_at=_timestamp(_occurred(body, received_at)),
+        received_at=timestamp(received_at),
+        occurred_at=timestamp(_occurred(body, received_at)),
         correlation_id=text(body, "conversation_uuid") or uuid,
         raw=raw,
         call=call,
