@@ -117,6 +117,44 @@ async def test_unroutable_publish_is_an_error_and_the_bus_stays_usable(bus: Amqp
     await bus.publish(EVENTS_EXCHANGE, "message.received.sms.x", _msg(2), timeout=5)
 
 
+async def test_a_body_larger_than_a_frame_arrives_whole(
+    bus: AmqpBus, vhost_connection: aio_pika.abc.AbstractConnection
+) -> None:
+    await bus.declare(_topology())
+    body = bytes(range(256)) * 1200  # 300 KiB: several body frames at frame_max 128 KiB
+    await bus.publish(
+        EVENTS_EXCHANGE,
+        "message.received.sms.big",
+        OutgoingMessage(body=body, message_id="big", type="test.Type"),
+        timeout=5,
+    )
+    channel = await vhost_connection.channel()
+    queue = await channel.declare_queue("crm.inbound", passive=True)
+    got = await queue.get(timeout=5)
+    assert got.body == body
+    await got.ack()
+
+
+async def test_a_message_amqp_cannot_carry_fails_at_once_and_nothing_is_sent(
+    bus: AmqpBus, vhost_connection: aio_pika.abc.AbstractConnection
+) -> None:
+    await bus.declare(_topology())
+    too_long = OutgoingMessage(
+        body=b"b", message_id="m-long", type="test.Type", correlation_id="c" * 300
+    )
+    # Refused before anything is queued: a ValueError, not a PublishTimeoutError
+    # after waiting for a confirm that could never come.
+    with pytest.raises(ValueError, match="correlation id too long for AMQP"):
+        await bus.publish(EVENTS_EXCHANGE, "message.received.sms.x", too_long, timeout=5)
+    await bus.publish(EVENTS_EXCHANGE, "message.received.sms.x", _msg(7), timeout=5)
+    channel = await vhost_connection.channel()
+    queue = await channel.declare_queue("crm.inbound", passive=True)
+    got = await queue.get(timeout=5)
+    assert got.message_id == "m7"  # the refused one never reached the broker
+    await got.ack()
+    assert await queue.get(fail=False) is None
+
+
 async def test_concurrent_publishes_are_all_confirmed(
     bus: AmqpBus, vhost: Vhost, vhost_connection: aio_pika.abc.AbstractConnection
 ) -> None:
