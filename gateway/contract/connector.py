@@ -56,24 +56,18 @@ def parse_form(text: str) -> list[tuple[str, str]]:
     if "%" in text or "+" in text:
         upper = text.upper() if "%" in text else ""
         if "%26" in upper or "%3D" in upper:
-            return _parse_fields_one_by_one(text)
+            return _split_fields(text, unquote_each=True)
         text = unquote(text.replace("+", " "), errors="replace")
+    return _split_fields(text, unquote_each=False)
+
+
+def _split_fields(text: str, *, unquote_each: bool) -> list[tuple[str, str]]:
     pairs: list[tuple[str, str]] = []
     for item in text.split("&"):
         name, sep, value = item.partition("=")
         if not sep:
             raise ValueError(f"bad query field: {item!r}")
-        pairs.append((name, value))
-    return pairs
-
-
-def _parse_fields_one_by_one(text: str) -> list[tuple[str, str]]:
-    pairs: list[tuple[str, str]] = []
-    for item in text.split("&"):
-        name, sep, value = item.partition("=")
-        if not sep:
-            raise ValueError(f"bad query field: {item!r}")
-        if "%" in item or "+" in item:
+        if unquote_each and ("%" in item or "+" in item):
             name = unquote(name.replace("+", " "), errors="replace")
             value = unquote(value.replace("+", " "), errors="replace")
         pairs.append((name, value))
