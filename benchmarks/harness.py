@@ -10,6 +10,9 @@
   Twilio form webhook signed as Twilio signs it.
 - :func:`machine` / :func:`write_report`: what the figures were measured on,
   and the JSON document every benchmark writes.
+- :func:`idle_slowdown`: how much slower this machine runs the same Python
+  code right after a short idle gap than back to back (the reason a server's
+  CPU per request at a moderate rate can be twice its cost at saturation).
 """
 
 from __future__ import annotations
@@ -21,17 +24,24 @@ import os
 import platform
 import signal
 import socket
+import statistics
 import subprocess
 import sys
 import time
 from collections import deque
 from collections.abc import AsyncIterator, Mapping
+from datetime import UTC, datetime
 from pathlib import Path
 from urllib.parse import urlencode, urlsplit, urlunsplit
 
 import aio_pika
+from multidict import MultiDict
 
+from connectors.sms.twilio.mapping import inbound_message
 from connectors.sms.twilio.webhooks import SIGNATURE_HEADER, compute_signature
+from gateway.api.v1.envelope_pb2 import RawPayload
+from gateway.contract.connector import parse_form
+from gateway.runtime.codec import encode_event
 
 ROOT = Path(__file__).resolve().parent.parent
 LOCAL_HOSTS = ("127.0.0.1", "localhost", "::1")
@@ -294,6 +304,63 @@ def machine() -> dict[str, object]:
         "python": platform.python_version(),
         "platform": platform.platform(),
         "loadavg_at_start": [round(x, 2) for x in load],
+    }
+
+
+def idle_slowdown(gap: float = 0.001, per_block: int = 150, blocks: int = 3) -> dict[str, float]:
+    """Time one webhook's own work run back to back and run after an idle ``gap`` each time.
+
+    The work is what the SMS service does with a Twilio inbound webhook
+    besides HTTP and AMQP: check its signature, parse the form, map it to an
+    event and encode that. Blocks of each kind alternate, so a drift of the
+    machine's speed weighs on both; ``slowdown`` is the ratio of the median
+    times (after a gap / back to back). Near 1 on an idle bare-metal core;
+    above 1 where an idle CPU loses its caches (deep sleep, or a virtual CPU
+    whose physical core runs something else meanwhile): then every request
+    of an open-loop phase at a moderate rate pays it, while a saturated
+    server, never idle, does not.
+    """
+    token, path = "0" * 32, "/webhooks/sms/twilio/bench/inbound"
+    url = f"http://127.0.0.1:8000{path}"
+    params = {
+        "MessageSid": "SM" + "0" * 32,
+        "AccountSid": "AC" + "0" * 32,
+        "From": "+447700900123",
+        "To": "+14155550100",
+        "Body": "Hi! Where is my order #1234? Thanks",
+        "NumMedia": "0",
+        "NumSegments": "1",
+        "SmsStatus": "received",
+        "ApiVersion": "2010-04-01",
+    }
+    request = signed_twilio_form(twilio_request_head(8000, path), url, token, params)
+    head, body = request.split(b"\r\n\r\n", 1)
+    signature = head.split(f"{SIGNATURE_HEADER}: ".encode(), 1)[1].split(b"\r\n", 1)[0]
+    raw = RawPayload(content_type="application/x-www-form-urlencoded", data=body)
+
+    def work() -> None:
+        form = MultiDict(parse_form(body.decode()))
+        pairs = {name: form.getall(name) for name in form}
+        if compute_signature(token, url, pairs).encode() != signature:
+            raise AssertionError("the probe's own signature does not verify")
+        event = inbound_message(form, account="bench", raw=raw, received_at=datetime.now(UTC))
+        encode_event(event)
+
+    timings: dict[bool, list[float]] = {False: [], True: []}
+    for _ in range(blocks):
+        for idle in (False, True):
+            for _ in range(per_block):
+                if idle:
+                    time.sleep(gap)
+                start = time.perf_counter()
+                work()
+                timings[idle].append(time.perf_counter() - start)
+    busy, after_gap = statistics.median(timings[False]), statistics.median(timings[True])
+    return {
+        "gap_ms": gap * 1e3,
+        "back_to_back_us": round(busy * 1e6, 1),
+        "after_gap_us": round(after_gap * 1e6, 1),
+        "slowdown": round(after_gap / busy, 2),
     }
 
 

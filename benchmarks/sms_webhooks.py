@@ -17,7 +17,13 @@ saturation phases in alternating order (bare, service, service, bare, ...):
 the share is the median of the per-round shares, so a drift of the machine's
 speed between minutes does not decide it. Then each system gets an open-loop
 phase at half of the throughput it saturated at (for latency under normal
-load); ``service x2`` gets one saturation phase and one half-rate phase.
+load), and the service one more at the bare bound's half rate (the same
+offered load for both); ``service x2`` gets one saturation phase and one
+half-rate phase. Every phase records how many cores the server kept busy,
+and the run starts by measuring how much slower this machine runs a
+webhook's own work right after a 1 ms idle gap than back to back
+(:func:`~benchmarks.harness.idle_slowdown`): a server at a moderate open-loop
+rate pays that on every request, a saturated one never.
 Every request is a distinct signed Twilio inbound-SMS webhook (unique
 ``MessageSid``), signed before the phase. After each phase the queue the
 events land on is counted: what the server accepted must be exactly what
@@ -51,6 +57,7 @@ from benchmarks.harness import (
     Broker,
     Server,
     free_port,
+    idle_slowdown,
     is_local,
     machine,
     running,
@@ -140,12 +147,12 @@ async def _saturation(
     """A closed-loop saturation phase on a running server, checked against the queue."""
     budget = int(expected_rate * (cfg.warmup + cfg.duration) * 1.3) + cfg.concurrency
     source = RequestSource(webhooks.factory(port, tag), budget)
-    cpu = server.cpu_seconds()
+    cpu, wall = server.cpu_seconds(), time.monotonic()
     saturated = await closed_loop(
         port, source, concurrency=cfg.concurrency, duration=cfg.duration, warmup=cfg.warmup
     )
-    cpu = server.cpu_seconds() - cpu
-    return saturated, _with_check(saturated, await count(), source.made_late, cpu)
+    cpu, wall = server.cpu_seconds() - cpu, time.monotonic() - wall
+    return saturated, _with_check(saturated, await count(), source.made_late, cpu, wall)
 
 
 async def _half_rate(
@@ -155,24 +162,23 @@ async def _half_rate(
     tag: int,
     cfg: Settings,
     count: Callable[[], Awaitable[int]],
-    saturation_rate: float,
+    rate: float,
 ) -> tuple[PhaseResult, dict[str, object]]:
-    """An open-loop phase at half the saturation rate (latency under normal load)."""
-    half = saturation_rate / 2
+    """An open-loop phase at ``rate`` (half a saturation rate: latency under normal load)."""
     source = RequestSource(
-        webhooks.factory(port, tag), int(half * (cfg.warmup + cfg.duration)) + 16
+        webhooks.factory(port, tag), int(rate * (cfg.warmup + cfg.duration)) + 16
     )
-    cpu = server.cpu_seconds()
+    cpu, wall = server.cpu_seconds(), time.monotonic()
     paced = await open_loop(
         port,
         source,
-        rate=half,
+        rate=rate,
         duration=cfg.duration,
         warmup=cfg.warmup,
         connections=cfg.connections,
     )
-    cpu = server.cpu_seconds() - cpu
-    return paced, _with_check(paced, await count(), source.made_late, cpu)
+    cpu, wall = server.cpu_seconds() - cpu, time.monotonic() - wall
+    return paced, _with_check(paced, await count(), source.made_late, cpu, wall)
 
 
 async def _phase_pair(
@@ -188,30 +194,48 @@ async def _phase_pair(
     """Saturation then half-rate on one running server; each checked against the queue."""
     saturated, sat = await _saturation(server, port, webhooks, tag, cfg, count, expected_rate)
     paced, half = await _half_rate(
-        server, port, webhooks, tag + 1, cfg, count, saturated.throughput
+        server, port, webhooks, tag + 1, cfg, count, saturated.throughput / 2
     )
-    _print_row(label, saturated, paced, float(sat["server_cpu_ms_per_request"]))  # type: ignore[arg-type]
+    _print_row(label, saturated, sat, paced, half)
     return {"label": label, "saturation": sat, "half_rate": half}
 
 
 def _with_check(
-    result: PhaseResult, on_queue: int, made_late: int, server_cpu: float
+    result: PhaseResult, on_queue: int, made_late: int, server_cpu: float, wall: float
 ) -> dict[str, object]:
     summary = result.summary()
     # CPU the server spent per request it answered: steadier than req/s on a busy machine.
     summary["server_cpu_ms_per_request"] = round(1000 * server_cpu / max(result.sent_total, 1), 3)
+    # How busy the server's processes were over the phase, in cores: near 1 per
+    # process means CPU-bound, and an open-loop phase there queues.
+    summary["server_cores_busy"] = round(server_cpu / max(wall, 1e-9), 3)
     summary["on_queue"] = on_queue
     summary["queue_matches_accepted"] = on_queue == result.accepted_total
     summary["requests_signed_during_phase"] = made_late
     return summary
 
 
-def _print_row(label: str, saturated: PhaseResult, paced: PhaseResult, cpu_ms: float) -> None:
+def _print_row(
+    label: str,
+    saturated: PhaseResult | None,
+    sat: dict[str, object] | None,
+    paced: PhaseResult,
+    half: dict[str, object],
+) -> None:
+    if saturated is None or sat is None:
+        left = f"{'':>9} {'':>8} {'':>8}"
+        sat_cpu = "     -"
+    else:
+        left = (
+            f"{saturated.throughput:>9.0f} {saturated.percentile(50) * 1e3:>8.2f} "
+            f"{saturated.percentile(99) * 1e3:>8.2f}"
+        )
+        sat_cpu = f"{sat['server_cpu_ms_per_request']:>6.3f}"
     print(
-        f"{label:<22} {saturated.throughput:>9.0f} {saturated.percentile(50) * 1e3:>8.2f} "
-        f"{saturated.percentile(99) * 1e3:>8.2f} | {paced.target_rate or 0:>7.0f} "
+        f"{label:<22} {left} | {paced.target_rate or 0:>7.0f} "
         f"{paced.throughput:>8.0f} {paced.percentile(50) * 1e3:>8.2f} "
-        f"{paced.percentile(99) * 1e3:>8.2f} | {cpu_ms:>6.3f}",
+        f"{paced.percentile(99) * 1e3:>8.2f} | {sat_cpu} {half['server_cpu_ms_per_request']:>6.3f}"
+        f" | {half['server_cores_busy']:>5.2f}",
         flush=True,
     )
 
@@ -252,11 +276,21 @@ async def run(cfg: Settings) -> dict[str, object]:
             "broker": "RabbitMQ at " + (urlsplit(cfg.broker_url).hostname or "?"),
         },
     }
+    # Before any server runs: how much an idle gap slows this machine's CPU down.
+    slowdown = idle_slowdown()
+    report["idle_slowdown"] = slowdown
+    print(
+        f"idle slowdown: a webhook's own work takes {slowdown['after_gap_us']:.0f} us after a "
+        f"{slowdown['gap_ms']:.0f} ms idle gap, {slowdown['back_to_back_us']:.0f} us back to back"
+        f" (x{slowdown['slowdown']:.2f})",
+        flush=True,
+    )
     systems: list[dict[str, object]] = []
     print(
-        f"{'':<22} {'saturation (closed loop)':^27} | {'half rate (open loop)':^34}\n"
+        f"{'':<22} {'saturation (closed loop)':^27} | {'half rate (open loop)':^34} |"
+        f" cpu ms/req  | cores\n"
         f"{'system':<22} {'req/s':>9} {'p50 ms':>8} {'p99 ms':>8} | {'target':>7} "
-        f"{'req/s':>8} {'p50 ms':>8} {'p99 ms':>8} | cpu ms/req",
+        f"{'req/s':>8} {'p50 ms':>8} {'p99 ms':>8} |    sat   half | half",
         flush=True,
     )
     await broker.open()
@@ -352,7 +386,7 @@ async def run(cfg: Settings) -> dict[str, object]:
     finally:
         await broker.close(cleanup)
     report["systems"] = systems
-    report["verdict"] = _verdict(systems)
+    report["verdict"] = _verdict(systems, slowdown)
     report["finished_at"] = datetime.now(UTC).isoformat(timespec="seconds")
     return report
 
@@ -404,14 +438,22 @@ async def _interleaved(
     for i, (name, (server, port, count)) in enumerate((("bare", bare), ("service", service))):
         saturated, sat = results[median][name]
         paced, half = await _half_rate(
-            server, port, webhooks, 0x60 + i, cfg, count, saturated.throughput
+            server, port, webhooks, 0x60 + i, cfg, count, saturated.throughput / 2
         )
         label = "bare bound" if name == "bare" else "service x1"
-        _print_row(label, saturated, paced, float(sat["server_cpu_ms_per_request"]))  # type: ignore[arg-type]
+        _print_row(label, saturated, sat, paced, half)
         system: dict[str, object] = {"label": label, "saturation": sat, "half_rate": half}
         if name == "service":
             system.update(workers=1, dedup=cfg.dedup, rounds=rounds, median_round=median + 1)
         systems.append(system)
+    # The service once more at the bare bound's half rate: the same offered
+    # load for both, so their latencies compare directly. (Each system's own
+    # half rate differs whenever their saturation rates do.)
+    server, port, count = service
+    bare_half_rate = results[median]["bare"][0].throughput / 2
+    paced, same_load = await _half_rate(server, port, webhooks, 0x62, cfg, count, bare_half_rate)
+    _print_row("service x1 @ bare rate", None, None, paced, same_load)
+    systems[1]["at_bare_half_rate"] = same_load
     return systems
 
 
@@ -438,7 +480,7 @@ def _service_config(port: int, url: str, cfg: Settings, webhooks: Webhooks) -> d
     }
 
 
-def _verdict(systems: list[dict[str, object]]) -> dict[str, object]:
+def _verdict(systems: list[dict[str, object]], slowdown: dict[str, float]) -> dict[str, object]:
     by_label = {str(s["label"]): s for s in systems}
     bare = by_label.get("bare bound")
     one = by_label.get("service x1")
@@ -456,6 +498,12 @@ def _verdict(systems: list[dict[str, object]]) -> dict[str, object]:
         "throughput_target_met": share >= TARGET_SHARE,
         "service_p99_ms_at_half_rate": one_half["p99_ms"],
         "p99_target_met": float(one_half["p99_ms"]) < TARGET_P99_MS,
+        # What stands behind a miss: how busy the service's core was at its half
+        # rate, and how much slower this machine runs code after an idle gap.
+        "service_cores_busy_at_half_rate": one_half["server_cores_busy"],
+        "idle_slowdown": slowdown["slowdown"],
+        "bare_p99_ms_at_half_rate": bare["half_rate"]["p99_ms"],  # type: ignore[index]
+        "service_p99_ms_at_bare_half_rate": one.get("at_bare_half_rate", {}).get("p99_ms"),  # type: ignore[attr-defined]
         "all_accepted_on_queue": all(
             bool(s[phase]["queue_matches_accepted"])  # type: ignore[index]
             for s in systems
