@@ -4,7 +4,6 @@ the figures it names, its idle probe measures real work, and it refuses runs off
 from __future__ import annotations
 
 from pathlib import Path
-from typing import NoReturn
 from urllib.parse import parse_qsl
 
 import pytest
@@ -12,6 +11,7 @@ from twilio.request_validator import RequestValidator  # type: ignore[import-unt
 
 from benchmarks import sms_webhooks
 from benchmarks.harness import idle_slowdown
+from tests.bench_helpers import assert_refused
 
 WEBHOOKS = sms_webhooks.Webhooks(
     token="e" * 32, account_key="bench1", account_sid="AC" + "2" * 32, run_id="0badcafe"
@@ -127,11 +127,4 @@ def test_refuses_runs_off_loopback_or_empty(
     monkeypatch: pytest.MonkeyPatch,
     tmp_path: Path,
 ) -> None:
-    def must_not_run(cfg: object) -> NoReturn:
-        raise AssertionError(f"the benchmark accepted {args} and started")
-
-    monkeypatch.setattr(sms_webhooks, "run", must_not_run)
-    with pytest.raises(SystemExit) as exc:
-        sms_webhooks.main([*args, "--output", str(tmp_path / "out.json")])
-    assert exc.value.code == 2
-    assert message in capsys.readouterr().err
+    assert_refused(sms_webhooks, args, message, capsys, monkeypatch, tmp_path)

@@ -4,7 +4,6 @@ runs that would leave loopback or not end within two minutes."""
 from __future__ import annotations
 
 from pathlib import Path
-from typing import NoReturn
 from urllib.parse import parse_qsl
 
 import pytest
@@ -12,6 +11,7 @@ from twilio.request_validator import RequestValidator  # type: ignore[import-unt
 
 from benchmarks import voice_answer
 from connectors.voice.flow import VoiceFlows
+from tests.bench_helpers import assert_refused
 
 CALLS = voice_answer.CallWebhooks(
     token="f" * 32, account_key="bench1", account_sid="AC" + "1" * 32, run_id="0badcafe"
@@ -73,12 +73,4 @@ def test_refuses_runs_off_loopback_unbounded_or_empty(
     monkeypatch: pytest.MonkeyPatch,
     tmp_path: Path,
 ) -> None:
-    def must_not_run(cfg: object) -> NoReturn:
-        raise AssertionError(f"the benchmark accepted {args} and started")
-
-    monkeypatch.setattr(voice_answer, "run", must_not_run)
-    args = [*args, "--output", str(tmp_path / "out.json")]
-    with pytest.raises(SystemExit) as exc:
-        voice_answer.main(args)
-    assert exc.value.code == 2
-    assert message in capsys.readouterr().err
+    assert_refused(voice_answer, args, message, capsys, monkeypatch, tmp_path)
