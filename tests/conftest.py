@@ -8,7 +8,10 @@ from __future__ import annotations
 
 import os
 import socket
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+from types import ModuleType
+from typing import NoReturn
 from urllib.parse import urlsplit
 
 import pytest
@@ -64,3 +67,27 @@ async def amqp_connection(rabbitmq_url: str) -> AsyncIterator[object]:
         yield connection
     finally:
         await connection.close()
+
+
+#: ``refuses(benchmark_module, args, message)``: see :func:`refuses`.
+Refuses = Callable[[ModuleType, list[str], str], None]
+
+
+@pytest.fixture
+def refuses(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> Refuses:
+    """Check that a benchmark's ``main(args)`` exits with a usage error naming ``message``
+    and never starts its run."""
+
+    def check(benchmark: ModuleType, args: list[str], message: str) -> None:
+        def must_not_run(cfg: object) -> NoReturn:
+            raise AssertionError(f"the benchmark accepted {args} and started")
+
+        monkeypatch.setattr(benchmark, "run", must_not_run)
+        with pytest.raises(SystemExit) as exc:
+            benchmark.main([*args, "--output", str(tmp_path / "out.json")])
+        assert exc.value.code == 2
+        assert message in capsys.readouterr().err
+
+    return check

@@ -3,7 +3,6 @@ the figures it names, its idle probe measures real work, and it refuses runs off
 
 from __future__ import annotations
 
-from pathlib import Path
 from urllib.parse import parse_qsl
 
 import pytest
@@ -11,7 +10,7 @@ from twilio.request_validator import RequestValidator  # type: ignore[import-unt
 
 from benchmarks import sms_webhooks
 from benchmarks.harness import idle_slowdown
-from tests.bench_helpers import assert_refused
+from tests.conftest import Refuses
 
 WEBHOOKS = sms_webhooks.Webhooks(
     token="e" * 32, account_key="bench1", account_sid="AC" + "2" * 32, run_id="0badcafe"
@@ -121,10 +120,6 @@ def test_verdict_fails_when_a_phase_lost_a_webhook() -> None:
     ],
 )
 def test_refuses_runs_off_loopback_or_empty(
-    args: list[str],
-    message: str,
-    capsys: pytest.CaptureFixture[str],
-    monkeypatch: pytest.MonkeyPatch,
-    tmp_path: Path,
+    args: list[str], message: str, refuses: Refuses
 ) -> None:
-    assert_refused(sms_webhooks, args, message, capsys, monkeypatch, tmp_path)
+    refuses(sms_webhooks, args, message)

@@ -3,7 +3,6 @@ runs that would leave loopback or not end within two minutes."""
 
 from __future__ import annotations
 
-from pathlib import Path
 from urllib.parse import parse_qsl
 
 import pytest
@@ -11,7 +10,7 @@ from twilio.request_validator import RequestValidator  # type: ignore[import-unt
 
 from benchmarks import voice_answer
 from connectors.voice.flow import VoiceFlows
-from tests.bench_helpers import assert_refused
+from tests.conftest import Refuses
 
 CALLS = voice_answer.CallWebhooks(
     token="f" * 32, account_key="bench1", account_sid="AC" + "1" * 32, run_id="0badcafe"
@@ -67,10 +66,6 @@ def test_the_benchmark_flow_answers_its_number() -> None:
     ],
 )
 def test_refuses_runs_off_loopback_unbounded_or_empty(
-    args: list[str],
-    message: str,
-    capsys: pytest.CaptureFixture[str],
-    monkeypatch: pytest.MonkeyPatch,
-    tmp_path: Path,
+    args: list[str], message: str, refuses: Refuses
 ) -> None:
-    assert_refused(voice_answer, args, message, capsys, monkeypatch, tmp_path)
+    refuses(voice_answer, args, message)
