@@ -320,8 +320,7 @@ def idle_slowdown(gap: float = 0.001, per_block: int = 150, blocks: int = 3) -> 
     of an open-loop phase at a moderate rate pays it, while a saturated
     server, never idle, does not.
     """
-    token, path = "0" * 32, "/webhooks/sms/twilio/bench/inbound"
-    url = f"http://127.0.0.1:8000{path}"
+    token, url = "0" * 32, "http://127.0.0.1:8000/webhooks/sms/twilio/bench/inbound"
     params = {
         "MessageSid": "SM" + "0" * 32,
         "AccountSid": "AC" + "0" * 32,
@@ -333,15 +332,14 @@ def idle_slowdown(gap: float = 0.001, per_block: int = 150, blocks: int = 3) -> 
         "SmsStatus": "received",
         "ApiVersion": "2010-04-01",
     }
-    request = signed_twilio_form(twilio_request_head(8000, path), url, token, params)
-    head, body = request.split(b"\r\n\r\n", 1)
-    signature = head.split(f"{SIGNATURE_HEADER}: ".encode(), 1)[1].split(b"\r\n", 1)[0]
+    body = urlencode(params).encode()
+    signature = compute_signature(token, url, {k: [v] for k, v in params.items()})
     raw = RawPayload(content_type="application/x-www-form-urlencoded", data=body)
 
     def work() -> None:
         form = MultiDict(parse_form(body.decode()))
         pairs = {name: form.getall(name) for name in form}
-        if compute_signature(token, url, pairs).encode() != signature:
+        if compute_signature(token, url, pairs) != signature:
             raise AssertionError("the probe's own signature does not verify")
         event = inbound_message(form, account="bench", raw=raw, received_at=datetime.now(UTC))
         encode_event(event)
